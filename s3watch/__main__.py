@@ -1,0 +1,7 @@
+"""Allow `python -m s3watch`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

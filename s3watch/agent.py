@@ -1,0 +1,574 @@
+"""The agent: the loop that takes a photo from event to match to journal to upload to journal.
+
+One thread (the one that calls `Agent.run`) owns the journal, the matcher and the queue.
+Watchdog's thread and the upload workers only post messages to its inbox, so every state
+change is made, journalled and fsynced in one place, in order.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import queue
+import signal
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import structlog
+
+from .config import Config, ConfigError, load_config
+from .database import DatabaseError, ImageRow, ImagesTable
+from .journal import Journal, JournalError
+from .matcher import Matcher
+from .piwigo import database_settings, gallery_path, is_original
+from .uploader import DuplicateIndex, Outcome, Uploader, UploadFailed, UploadRequest, object_key
+from .watcher import UploadWatcher, WatchError
+
+log = structlog.get_logger("s3watch.agent")
+
+# Failures that come from the store or its settings rather than from one photo: after one of
+# these, uploads pause and a single probe upload is tried with a growing delay, so an outage
+# or a wrong key does not turn into a storm of failing requests.
+STORE_WIDE_STATUSES = frozenset({0, 301, 403, 404, 429})
+FIRST_PROBE_DELAY = 5.0  # seconds
+POLL_BATCH = 1000  # rows read per table poll
+STOP_DEADLINE = 20.0  # seconds uploads in flight get to finish on SIGTERM; below systemd's default 90 s stop timeout
+COMPACT_CHECK_INTERVAL = 60.0
+
+
+class AgentError(Exception):
+    """The agent cannot start; the message says why and what to do."""
+
+
+def acquire_lock(state_dir: Path) -> int:
+    """Take the state directory's lock, so that one agent at a time owns its journal.
+
+    Returns the lock file's descriptor, held until the process exits. Raises AgentError when
+    another agent holds it or the directory cannot be created.
+    """
+    try:
+        state_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+        fd = os.open(state_dir / "agent.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as error:
+        raise AgentError(f"state directory {state_dir} could not be used ({error.strerror}): create it and make it writable by this user") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise AgentError(f"another s3watch agent (pid {holder}) is already running on state directory {state_dir}: stop it first") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _epoch(iso: str) -> float:
+    try:
+        return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return time.time()
+
+
+class Agent:
+    """The long-running agent behind `s3watch run`."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self.stop_event = threading.Event()
+        self.reload_event = threading.Event()
+        self.abort_event = threading.Event()  # set at the stop deadline: workers give up
+
+        self.journal: Journal | None = None
+        self.table: ImagesTable | None = None
+        self.uploader: Uploader | None = None
+        self.watcher: UploadWatcher | None = None
+        self.matcher = Matcher(config.monitor.match_timeout)
+        self.duplicates: DuplicateIndex | None = None
+        self.workers: ThreadPoolExecutor | None = None
+        self.worker_count = config.uploads.workers
+
+        self.ready: deque[str] = deque()  # pending uploads to dispatch now, oldest first
+        self.retry_at: dict[str, float] = {}  # pending uploads that failed, with when to try again
+        self.in_flight: set[str] = set()
+        self.blocked_code: str | None = None  # set while a store-wide failure pauses uploads
+        self.probe_at = 0.0
+        self.probe_delay = FIRST_PROBE_DELAY
+        self.next_poll = 0.0
+        self.next_compaction_check = 0.0
+        self.database_down = False
+        self.conditional_writes_checked = False
+        self.probe_lock = threading.Lock()
+
+    # Start and stop -----------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Run until SIGTERM or SIGINT. Returns the exit status.
+
+        Raises AgentError, JournalError or DatabaseError when it cannot start.
+        """
+        config = self.config
+        lock_fd = acquire_lock(config.state_dir)
+        try:
+            self.journal = Journal(config.journal_path)
+            self._start_database()
+            self.uploader = Uploader(config.s3, config.uploads, config.links, config.piwigo.root, stop=self.abort_event)
+            self.duplicates = DuplicateIndex(self.journal.state.md5_index) if config.uploads.prevent_duplicates else None
+            self.worker_count = config.uploads.workers
+            self.workers = ThreadPoolExecutor(max_workers=self.worker_count, thread_name_prefix="upload")
+            self._restore_queue()
+            self._start_watcher()
+            self._install_signal_handlers()
+            log.info(
+                "started", bucket=config.s3.bucket, endpoint=config.s3.endpoint_url or "aws", prefix=config.s3.prefix or None,
+                gallery=str(config.piwigo.root), monitor=config.monitor.enabled, workers=config.uploads.workers,
+                pending=len(self.ready) + len(self.retry_at), waiting_for_row=len(self.matcher), journal=str(self.journal.path),
+            )
+            self._loop()
+            self._shutdown()
+            return 0
+        finally:
+            if self.watcher is not None:
+                self.watcher.stop()
+            if self.journal is not None:
+                self.journal.close()
+            if self.table is not None:
+                self.table.close()
+            os.close(lock_fd)
+
+    def _start_database(self) -> None:
+        """Connect to the images table and set the poll cursor on a first start.
+
+        An unreachable server is waited for (it may start after us at boot); a refused login or
+        a missing table is a configuration error and raises DatabaseError.
+        """
+        assert self.journal is not None
+        self.table = ImagesTable(database_settings(self.config))
+        try:
+            self.table.connect()
+        except DatabaseError as error:
+            if "could not be reached" not in str(error):
+                raise
+            self._database_unavailable(error)
+            return
+        if self.journal.state.cursor is None:
+            # A first start queues only photos added from now on; older ones are for batch mode.
+            self.journal.append("cursor", image_id=self.table.max_id())
+            self.journal.commit()
+
+    def _restore_queue(self) -> None:
+        """Rebuild the queue from the journal: pending uploads go back in line, files without a row wait again."""
+        assert self.journal is not None
+        now = time.time()
+        pending = sorted((u for u in self.journal.state.uploads.values() if u.status in ("pending", "detected")), key=lambda u: u.ts)
+        for upload in pending:
+            if upload.status == "pending":
+                self.ready.append(upload.path)
+            else:
+                self.matcher.add(upload.path, _epoch(upload.detected_ts or upload.ts), now)
+
+    def _start_watcher(self) -> None:
+        if not self.config.monitor.enabled or self.watcher is not None:
+            return
+        upload_path = self.config.piwigo.upload_path
+        if not upload_path.is_dir():
+            # Piwigo creates the upload directory at the first upload; the poll tick looks again.
+            return
+        watcher = UploadWatcher(upload_path, on_file=lambda path: self.inbox.put(("file", path)), on_events_lost=lambda: self.inbox.put(("lost", None)))
+        watcher.start()
+        self.watcher = watcher
+        log.info("watching", upload_dir=str(upload_path))
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def on_stop(signum: int, _frame: FrameType | None) -> None:
+            self.stop_event.set()
+            self.inbox.put(("wake", None))
+
+        def on_reload(_signum: int, _frame: FrameType | None) -> None:
+            self.reload_event.set()
+            self.inbox.put(("wake", None))
+
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+        signal.signal(signal.SIGHUP, on_reload)
+
+    def request_stop(self) -> None:
+        """Ask the loop to stop, as SIGTERM does (for callers that run the agent in a thread)."""
+        self.stop_event.set()
+        self.inbox.put(("wake", None))
+
+    def _shutdown(self) -> None:
+        """Stop taking work, let uploads in flight finish until the deadline, record their outcomes."""
+        assert self.journal is not None and self.workers is not None
+        log.info("stopping", in_flight=len(self.in_flight))
+        if self.watcher is not None:
+            self.watcher.stop()
+            self.watcher = None
+        deadline = time.monotonic() + STOP_DEADLINE
+        while self.in_flight and time.monotonic() < deadline:
+            self._handle_messages(timeout=min(0.5, max(0.0, deadline - time.monotonic())))
+            self.journal.commit()
+        if self.in_flight:
+            # Abandoned uploads stay pending in the journal; the next start sends them again,
+            # and a conditional write keeps a finished one from being written twice.
+            self.abort_event.set()
+            log.warning("stop_deadline_passed", abandoned=len(self.in_flight))
+        self.workers.shutdown(wait=True, cancel_futures=True)
+        self._handle_messages(timeout=0)
+        self.journal.commit()
+        log.info("stopped")
+
+    # The loop -----------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        assert self.journal is not None
+        while not self.stop_event.is_set():
+            self._handle_messages(timeout=self._seconds_to_next_deadline())
+            if self.stop_event.is_set():
+                break
+            if self.reload_event.is_set():
+                self.reload_event.clear()
+                self._reload()
+
+            now = time.time()
+            self._match_due(now)
+            if now >= self.next_poll:
+                self._poll_table(now)
+            self._release_retries(now)
+            self._commit()
+            self._dispatch(now)
+            if now >= self.next_compaction_check:
+                self._compact_if_needed(now)
+
+    def _seconds_to_next_deadline(self) -> float:
+        now = time.time()
+        deadlines = [self.next_poll, self.next_compaction_check]
+        match = self.matcher.next_due()
+        if match is not None:
+            deadlines.append(match)
+        if self.retry_at:
+            deadlines.append(min(self.retry_at.values()))
+        if self.blocked_code and self.ready:
+            deadlines.append(self.probe_at)
+        return max(0.0, min(min(deadlines) - now, 5.0))
+
+    def _handle_messages(self, timeout: float) -> None:
+        """Wait up to `timeout` for a message, then take every message waiting."""
+        try:
+            message = self.inbox.get(timeout=timeout) if timeout > 0 else self.inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            kind, value = message
+            if kind == "file":
+                self._on_file(value)
+            elif kind == "result":
+                self._on_result(value)
+            elif kind == "lost":
+                log.warning("events_lost", hint="the kernel's inotify queue overflowed; polling the images table now")
+                self.next_poll = 0.0
+            try:
+                message = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _commit(self) -> None:
+        """Make the records of this turn durable before anything is acted on."""
+        assert self.journal is not None
+        while True:
+            try:
+                self.journal.commit()
+                return
+            except JournalError as error:
+                # Nothing is dispatched until the journal can record it; wait for space to return.
+                log.error("journal_write_failed", error=str(error))
+                if self.stop_event.wait(5.0):
+                    raise
+
+    # Event -> match -----------------------------------------------------------------------
+
+    def _on_file(self, absolute: str) -> None:
+        """A file appeared under the upload directory: wait for its images row, unless it is known or not an original."""
+        assert self.journal is not None
+        path = gallery_path(self.config.piwigo.root, absolute)
+        if path is None or not is_original(path, self.config.piwigo.upload_dir):
+            return
+        if path in self.journal.state.uploads or not self.config.monitor.enabled:
+            return
+        now = time.time()
+        self.journal.append("detected", path, source="monitor")
+        self.matcher.add(path, now, now)
+        log.debug("detected", path=path)
+
+    def _match_due(self, now: float) -> None:
+        """Look up the rows of the files whose look-up is due; queue the matched, give up on the expired."""
+        assert self.journal is not None and self.table is not None
+        due = self.matcher.due(now)
+        if not due:
+            return
+        try:
+            rows = self.table.find_by_paths(due)
+            self._database_back()
+        except DatabaseError as error:
+            self._database_unavailable(error)
+            rows = {}
+        for path in due:
+            row = rows.get(path)
+            if row is not None:
+                self.matcher.discard(path)
+                self._queue(path, row)
+            elif not self.matcher.retry(path, now):
+                timeout = self.config.monitor.match_timeout
+                self.journal.append("unmatched", path, error=f"no images row for this file within {timeout:g} s")
+                log.warning("unmatched", path=path, waited_s=timeout)
+
+    def _poll_table(self, now: float) -> None:
+        """Read rows added since the cursor: photos whose file event was missed are found here."""
+        assert self.journal is not None and self.table is not None
+        self.next_poll = now + self.config.monitor.poll_interval
+        self._start_watcher_if_upload_dir_appeared()
+        try:
+            cursor = self.journal.state.cursor
+            if cursor is None:
+                cursor = self.table.max_id()
+                self.journal.append("cursor", image_id=cursor)
+            rows = self.table.rows_after(cursor, POLL_BATCH)
+            self._database_back()
+        except DatabaseError as error:
+            self._database_unavailable(error)
+            return
+        if not rows:
+            return
+
+        for row in rows:
+            upload = self.journal.state.uploads.get(row.path)
+            if upload is not None:
+                if upload.status == "detected":
+                    self.matcher.discard(row.path)
+                    self._queue(row.path, row)
+                continue
+            if self.config.monitor.enabled and is_original(row.path, self.config.piwigo.upload_dir):
+                self._queue(row.path, row, source="poll")
+        self.journal.append("cursor", image_id=rows[-1].id)
+        if len(rows) == POLL_BATCH:
+            self.next_poll = now  # more rows are waiting
+
+    def _start_watcher_if_upload_dir_appeared(self) -> None:
+        if self.watcher is not None or not self.config.monitor.enabled:
+            return
+        try:
+            self._start_watcher()
+        except WatchError as error:
+            log.error("watch_failed", error=str(error))
+            return
+        if self.watcher is not None:
+            # Files moved in before the watch was in place would have no event.
+            for current, _folders, files in os.walk(self.config.piwigo.upload_path):
+                for name in files:
+                    self._on_file(os.path.join(current, name))
+
+    def _database_unavailable(self, error: DatabaseError) -> None:
+        if not self.database_down:
+            log.error("database_unavailable", error=str(error), hint="retrying at every poll")
+            self.database_down = True
+
+    def _database_back(self) -> None:
+        if self.database_down:
+            log.info("database_available")
+            self.database_down = False
+
+    # Match -> journal ---------------------------------------------------------------------
+
+    def _queue(self, path: str, row: ImageRow, source: str | None = None) -> None:
+        """Record a matched file as queued and put it in line for an upload."""
+        assert self.journal is not None
+        upload = self.journal.state.uploads.get(path)
+        source = source or (upload.source if upload else None) or "monitor"
+        self.journal.append("queued", path, image_id=row.id, row_md5=row.md5sum, source=source)
+        self.ready.append(path)
+        log.info("queued", path=path, image_id=row.id, source=source)
+        if self.blocked_code is not None:
+            self._mark_waiting(path, self.blocked_code)
+
+    # Journal -> upload --------------------------------------------------------------------
+
+    def _dispatch(self, now: float) -> None:
+        """Hand queued uploads to free workers; while the store is failing, send one probe at a time."""
+        assert self.journal is not None and self.workers is not None
+        free = self.worker_count - len(self.in_flight)
+        if self.blocked_code is not None:
+            if self.in_flight or now < self.probe_at:
+                return
+            free = 1
+        while free > 0 and self.ready:
+            path = self.ready.popleft()
+            upload = self.journal.state.uploads.get(path)
+            if upload is None or upload.status != "pending" or path in self.in_flight:
+                continue
+            try:
+                key = object_key(self.config.s3.key_template, self.config.s3.prefix, path, upload.image_id, upload.row_md5)
+            except ValueError as error:
+                self.journal.append("failed", path, code="failed_code_400", error=str(error), attempts=upload.attempts)
+                log.error("invalid_key", path=path, error=str(error))
+                continue
+            request = UploadRequest(path=path, image_id=upload.image_id, key=key, row_md5=upload.row_md5)
+            self.in_flight.add(path)
+            future = self.workers.submit(self._upload, request)
+            future.add_done_callback(lambda done, path=path: self._crashed_worker(done, path))
+            free -= 1
+
+    def _upload(self, request: UploadRequest) -> None:
+        """Run in a worker: upload and post the outcome to the loop."""
+        assert self.uploader is not None
+        if not self.conditional_writes_checked:
+            self._check_conditional_writes()
+        outcome = self.uploader.upload(request, self.duplicates)
+        self.inbox.put(("result", outcome))
+
+    def _check_conditional_writes(self) -> None:
+        assert self.uploader is not None
+        with self.probe_lock:
+            if self.conditional_writes_checked:
+                return
+            try:
+                supported = self.uploader.probe_conditional_writes()
+            except UploadFailed:
+                return  # the upload that follows fails the same way and is recorded
+            self.conditional_writes_checked = True
+            if not supported:
+                log.warning("conditional_writes_unsupported", hint="this store ignores If-None-Match; checking for an existing object with HEAD before each upload")
+
+    def _crashed_worker(self, future: Any, path: str) -> None:
+        error = future.exception() if not future.cancelled() else None
+        if error is not None:
+            self.inbox.put(("result", Outcome(path=path, event="failed", code="failed_code_0", error=f"internal error: {error!r}", transient=True)))
+
+    # Upload -> journal --------------------------------------------------------------------
+
+    def _on_result(self, outcome: Outcome) -> None:
+        """Record how an upload ended, and pause or resume uploads when the store fails or recovers."""
+        assert self.journal is not None
+        self.in_flight.discard(outcome.path)
+        upload = self.journal.state.uploads.get(outcome.path)
+        attempts = (upload.attempts if upload else 0) + outcome.attempts
+        now = time.time()
+
+        if outcome.event == "failed":
+            self.journal.append("failed", outcome.path, code=outcome.code, error=outcome.error, attempts=attempts)
+            log.warning("upload_failed", path=outcome.path, key=outcome.key, code=outcome.code, error=outcome.error, attempts=attempts)
+            status = int(str(outcome.code).rsplit("_", 1)[-1])
+            if status in STORE_WIDE_STATUSES or status >= 500:
+                self._block(outcome.code or "failed_code_0", now)
+                self.ready.appendleft(outcome.path)
+            else:
+                self.retry_at[outcome.path] = now + self.config.uploads.retry_interval
+            return
+
+        fields: dict[str, Any] = {"key": outcome.key, "md5": outcome.md5, "bytes": outcome.bytes, "attempts": attempts}
+        if outcome.event == "uploaded":
+            fields["etag"] = outcome.etag
+        if outcome.event == "duplicate":
+            fields["duplicate_of"] = outcome.duplicate_of
+        if outcome.event == "gone":
+            fields = {"error": outcome.error, "attempts": attempts}
+        self.journal.append(outcome.event, outcome.path, **fields)
+        if outcome.event == "gone":
+            log.warning("gone", path=outcome.path, error=outcome.error)
+        else:
+            log.info(outcome.event, path=outcome.path, key=outcome.key, bytes=outcome.bytes, ms=outcome.ms, duplicate_of=outcome.duplicate_of)
+        if outcome.event in ("uploaded", "already_present", "duplicate") and self.blocked_code is not None:
+            self._unblock("store answered again")
+
+    def _block(self, code: str, now: float) -> None:
+        """Pause uploads after a store-wide failure; one probe upload is tried at growing intervals."""
+        if self.blocked_code is None:
+            self.probe_delay = min(FIRST_PROBE_DELAY, self.config.uploads.retry_interval)
+            log.warning("uploads_paused", code=code, retry_in_s=self.probe_delay)
+        else:
+            self.probe_delay = min(self.probe_delay * 2, self.config.uploads.retry_interval)
+        if code != self.blocked_code:
+            for path in self.ready:
+                self._mark_waiting(path, code)
+        self.blocked_code = code
+        self.probe_at = now + self.probe_delay
+
+    def _mark_waiting(self, path: str, code: str) -> None:
+        """Record the store's failure on an upload that waits behind it, so that status shows why it waits."""
+        assert self.journal is not None
+        upload = self.journal.state.uploads.get(path)
+        if upload is not None and upload.status == "pending" and upload.code != code:
+            self.journal.append("failed", path, code=code, error="waiting: the store failed another upload with this code", attempts=upload.attempts)
+
+    def _unblock(self, reason: str) -> None:
+        log.info("uploads_resumed", reason=reason, after=self.blocked_code)
+        self.blocked_code = None
+        self.probe_delay = FIRST_PROBE_DELAY
+
+    def _release_retries(self, now: float) -> None:
+        """Put uploads whose retry time has come back in line."""
+        due = [path for path, at in self.retry_at.items() if at <= now]
+        for path in due:
+            del self.retry_at[path]
+            self.ready.append(path)
+
+    # Reload and maintenance ---------------------------------------------------------------
+
+    def _reload(self) -> None:
+        """Re-read the configuration (SIGHUP); keep the old one if the new one is invalid, retry failed uploads."""
+        try:
+            config = load_config(self.config.source)
+        except ConfigError as error:
+            log.error("reload_rejected", error=str(error), hint="the previous configuration stays in use")
+            return
+        if config.state_dir != self.config.state_dir:
+            log.warning("reload_partial", hint="state_dir changes take effect at the next restart")
+            config = Config(**{**config.__dict__, "state_dir": self.config.state_dir})
+
+        old = self.config
+        self.config = config
+        self.matcher.match_timeout = config.monitor.match_timeout
+        if config.piwigo != old.piwigo:
+            assert self.table is not None
+            self.table.close()
+            self.table = ImagesTable(database_settings(config))
+        if (config.s3, config.uploads, config.links) != (old.s3, old.uploads, old.links):
+            self.uploader = Uploader(config.s3, config.uploads, config.links, config.piwigo.root, stop=self.abort_event)
+            self.conditional_writes_checked = False
+        if config.monitor.enabled and self.watcher is None:
+            self._start_watcher_if_upload_dir_appeared()
+        elif not config.monitor.enabled and self.watcher is not None:
+            self.watcher.stop()
+            self.watcher = None
+        if config.uploads.workers != old.uploads.workers:
+            log.warning("reload_partial", hint="uploads.workers changes take effect at the next restart")
+
+        # A setting may have been the cause of every failure: try them all again now.
+        for path in list(self.retry_at):
+            self.ready.append(path)
+        self.retry_at.clear()
+        self.blocked_code = None
+        self.probe_delay = FIRST_PROBE_DELAY
+        self.next_poll = 0.0
+        log.info("reloaded", bucket=config.s3.bucket, endpoint=config.s3.endpoint_url or "aws", monitor=config.monitor.enabled, pending=len(self.ready))
+
+    def _compact_if_needed(self, now: float) -> None:
+        assert self.journal is not None
+        self.next_compaction_check = now + COMPACT_CHECK_INTERVAL
+        if not self.journal.needs_compaction():
+            return
+        before = self.journal.state.records
+        try:
+            self.journal.compact()
+        except JournalError as error:
+            log.error("journal_compaction_failed", error=str(error))
+            return
+        log.info("journal_compacted", records_before=before, records_after=self.journal.state.records)

@@ -1,0 +1,178 @@
+"""The `s3watch` command line: run, check, status, journal repair and demo."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="s3watch", description="Copy every photo added to a Piwigo gallery to an S3 bucket, exactly once.")
+    parser.add_argument("--version", action="version", version=f"s3watch {__version__}")
+    parser.add_argument("--config", type=Path, default=None, metavar="PATH", help=f"configuration file (default: $S3WATCH_CONFIG or {DEFAULT_CONFIG_PATH})")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    commands.add_parser("run", help="run the agent in the foreground, as systemd does")
+    commands.add_parser("check", help="validate the configuration and connect to the database and the bucket; exit 0 only when all is well")
+    status = commands.add_parser("status", help="show pending and failed uploads and the most recent uploads with their links")
+    status.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+    journal = commands.add_parser("journal", help="journal maintenance")
+    journal_commands = journal.add_subparsers(dest="journal_command", metavar="ACTION")
+    journal_commands.required = True
+    journal_commands.add_parser("repair", help="rewrite the journal keeping every valid record (stop the agent first); the original is kept beside it")
+
+    demo = commands.add_parser("demo", help="run s3watch against a local SeaweedFS and a sample gallery, then show the status")
+    demo.add_argument("--dir", type=Path, default=None, help="working folder for the demo (default: a new temporary folder)")
+    demo.add_argument("--photos", type=int, default=5, help="how many photos to add (default: 5)")
+    return parser
+
+
+def _config_path(arguments: argparse.Namespace) -> Path:
+    if arguments.config is not None:
+        return Path(arguments.config)
+    return Path(os.environ.get("S3WATCH_CONFIG", DEFAULT_CONFIG_PATH))
+
+
+def _error(message: str) -> None:
+    print(f"s3watch: error: {message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line. Returns the exit status: 0 done, 1 failed, 2 bad configuration or usage."""
+    arguments = _parser().parse_args(argv)
+    try:
+        if arguments.command == "demo":
+            from .demo import run_demo
+
+            return run_demo(arguments.dir, arguments.photos)
+        config = load_config(_config_path(arguments))
+        if arguments.command == "run":
+            return _run(config)
+        if arguments.command == "check":
+            return _check(config)
+        if arguments.command == "status":
+            return _status(config, arguments.json)
+        if arguments.command == "journal":
+            return _repair(config)
+    except ConfigError as error:
+        _error(str(error))
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return EXIT_FAILED
+    raise AssertionError(f"unhandled command {arguments.command}")
+
+
+def _run(config: Config) -> int:
+    from .agent import Agent, AgentError
+    from .database import DatabaseError
+    from .journal import JournalError
+    from .logs import configure_logging
+
+    configure_logging(config.log.format, config.log.level)
+    try:
+        return Agent(config).run()
+    except DatabaseError as error:
+        _error(str(error))
+        return EXIT_CONFIG
+    except (AgentError, JournalError) as error:
+        _error(str(error))
+        return EXIT_FAILED
+
+
+def _check(config: Config) -> int:
+    """Check every setting against the real database, folders and bucket; print one line each."""
+    from .database import DatabaseError, ImagesTable
+    from .piwigo import database_settings
+    from .uploader import Uploader, UploadFailed
+
+    problems = 0
+    print(f"configuration {config.source}: ok")
+
+    try:
+        settings = database_settings(config)
+        table = ImagesTable(settings)
+        table.connect()
+        newest = table.max_id()
+        table.close()
+        print(f"database {settings.describe()}: ok (table {table.table}, newest image id {newest})")
+    except (DatabaseError, ConfigError) as error:
+        print(f"database: FAILED: {error}")
+        problems += 1
+
+    upload = config.piwigo.upload_path
+    if upload.is_dir():
+        print(f"upload directory {upload}: ok")
+    else:
+        print(f"upload directory {upload}: not created yet (Piwigo creates it at the first upload)")
+
+    state = config.state_dir
+    if state.is_dir() and os.access(state, os.W_OK | os.X_OK):
+        print(f"state directory {state}: ok")
+    elif not state.exists() and os.access(_existing_parent(state), os.W_OK | os.X_OK):
+        print(f"state directory {state}: ok (created at the first run)")
+    else:
+        print(f"state directory {state}: FAILED: not writable by this user; create it and give this user write access")
+        problems += 1
+
+    try:
+        Uploader(config.s3, config.uploads, config.links, config.piwigo.root).check_bucket()
+        print(f"bucket {config.s3.bucket} at {config.s3.endpoint_url or 'AWS S3'}: ok")
+    except UploadFailed as failure:
+        print(f"bucket {config.s3.bucket} at {config.s3.endpoint_url or 'AWS S3'}: FAILED: {failure.code}: {failure.message}")
+        problems += 1
+
+    if problems:
+        print(f"{problems} problem(s) found")
+        return EXIT_FAILED
+    print("all checks passed")
+    return EXIT_OK
+
+
+def _existing_parent(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _status(config: Config, as_json: bool) -> int:
+    from .journal import JournalError
+    from .status import build_status, render_json, render_text
+
+    try:
+        report = build_status(config)
+    except JournalError as error:
+        _error(str(error))
+        return EXIT_FAILED
+    print(render_json(report) if as_json else render_text(report))
+    return EXIT_OK
+
+
+def _repair(config: Config) -> int:
+    from .agent import AgentError, acquire_lock
+    from .journal import JournalError, repair_journal
+
+    try:
+        lock = acquire_lock(config.state_dir)
+    except AgentError as error:
+        _error(str(error))
+        return EXIT_FAILED
+    try:
+        kept, dropped = repair_journal(config.journal_path)
+    except JournalError as error:
+        _error(str(error))
+        return EXIT_FAILED
+    finally:
+        os.close(lock)
+    print(f"journal {config.journal_path}: kept {kept} records, dropped {dropped} corrupt lines; the original is kept beside it as {config.journal_path.name}.corrupt-*")
+    return EXIT_OK

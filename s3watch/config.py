@@ -1,0 +1,419 @@
+"""Configuration: the YAML schema, its defaults, and validation into typed settings."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+import yaml
+
+DEFAULT_CONFIG_PATH = Path("/etc/s3watch/s3watch.yaml")
+
+# Every placeholder a key template may use; see `uploader.object_key`.
+KEY_TEMPLATE_FIELDS = ("prefix", "path", "image_id", "md5", "file", "name", "ext")
+
+
+class ConfigError(Exception):
+    """A configuration problem, with a one-line message that names the file or key and the fix."""
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    """The `piwigo.database` section: where the images table is, when not read from Piwigo."""
+
+    url: str
+    table_prefix: str
+
+
+@dataclass(frozen=True)
+class PiwigoConfig:
+    """The `piwigo` section: the gallery on disk and, optionally, its database."""
+
+    root: Path
+    upload_dir: str
+    database: DatabaseConfig | None
+
+    @property
+    def upload_path(self) -> Path:
+        """The absolute path of the upload directory."""
+        return self.root / self.upload_dir
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """The `monitor` section: active monitoring of new photos."""
+
+    enabled: bool
+    poll_interval: float
+    match_timeout: float
+
+
+@dataclass(frozen=True)
+class S3Config:
+    """The `s3` section: the bucket and how to reach it."""
+
+    bucket: str
+    prefix: str
+    key_template: str
+    region: str
+    endpoint_url: str | None
+    access_key_id: str | None
+    secret_access_key: str | None
+    addressing_style: str
+    conditional_writes: str
+    flexible_checksums: bool
+    connect_timeout: float
+    read_timeout: float
+
+
+@dataclass(frozen=True)
+class UploadsConfig:
+    """The `uploads` section: parallelism, duplicates and retries."""
+
+    workers: int
+    prevent_duplicates: bool
+    multipart_threshold: int
+    part_size: int
+    attempts: int
+    retry_interval: float
+
+
+@dataclass(frozen=True)
+class LinksConfig:
+    """The `links` section: how status builds a download link for an uploaded object."""
+
+    mode: str
+    base_url: str | None
+    expires: int
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """The `log` section: format and level of the agent's log lines."""
+
+    format: str
+    level: str
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole validated configuration, and the file it came from."""
+
+    piwigo: PiwigoConfig
+    monitor: MonitorConfig
+    s3: S3Config
+    uploads: UploadsConfig
+    links: LinksConfig
+    log: LogConfig
+    state_dir: Path
+    source: Path
+
+    @property
+    def journal_path(self) -> Path:
+        """The journal file inside the state directory."""
+        return self.state_dir / "journal.jsonl"
+
+
+# A field's checker takes the dotted key and the raw YAML value and returns the typed value,
+# or raises ConfigError naming the key.
+Checker = Callable[[str, Any], Any]
+
+_REQUIRED = object()
+MiB = 1024 * 1024
+
+
+def _string(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{key} must be a string, got {_describe(value)}")
+    return value
+
+
+def _nonempty_string(key: str, value: Any) -> str:
+    text = _string(key, value)
+    if not text.strip():
+        raise ConfigError(f"{key} must not be empty")
+    return text
+
+
+def _optional_string(key: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    return _nonempty_string(key, value)
+
+
+def _boolean(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {_describe(value)}")
+    return value
+
+
+def _integer(low: int, high: int) -> Checker:
+    def check(key: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ConfigError(f"{key} must be a whole number from {low} to {high}, got {_describe(value)}")
+        return value
+
+    return check
+
+
+def _seconds(low: float, high: float) -> Checker:
+    def check(key: str, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise ConfigError(f"{key} must be a number of seconds from {low:g} to {high:g}, got {_describe(value)}")
+        return float(value)
+
+    return check
+
+
+def _mebibytes(low: int, high: int) -> Checker:
+    def check(key: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ConfigError(f"{key} must be a whole number of MiB from {low} to {high}, got {_describe(value)}")
+        return value * MiB
+
+    return check
+
+
+def _choice(*choices: str) -> Checker:
+    def check(key: str, value: Any) -> str:
+        if value not in choices:
+            allowed = ", ".join(choices)
+            raise ConfigError(f"{key} must be one of {allowed}, got {_describe(value)}")
+        return value
+
+    return check
+
+
+def _endpoint_url(key: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    text = _nonempty_string(key, value)
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"{key} must be a URL starting with http:// or https://, got {text!r}")
+    return text.rstrip("/")
+
+
+def _bucket(key: str, value: Any) -> str:
+    text = _nonempty_string(key, value)
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.\-_]{1,253}[a-z0-9]", text):
+        raise ConfigError(f"{key} {text!r} is not a valid bucket name: use 3 to 255 lower-case letters, digits, '.', '-' or '_'")
+    return text
+
+
+def _key_template(key: str, value: Any) -> str:
+    text = _nonempty_string(key, value)
+    fields = {name: "x" for name in KEY_TEMPLATE_FIELDS}
+    try:
+        text.format(**fields)
+    except KeyError as error:
+        allowed = ", ".join("{" + name + "}" for name in KEY_TEMPLATE_FIELDS)
+        raise ConfigError(f"{key} uses unknown placeholder {{{error.args[0]}}}: use {allowed}") from None
+    except (ValueError, IndexError) as error:
+        raise ConfigError(f"{key} is not a valid template ({error}): write placeholders as {{path}}") from None
+    if "{path}" not in text and "{image_id}" not in text and "{md5}" not in text:
+        raise ConfigError(f"{key} must contain {{path}}, {{image_id}} or {{md5}}, or every photo would get the same key")
+    return text
+
+
+def _database_url(key: str, value: Any) -> str:
+    text = _nonempty_string(key, value)
+    scheme = text.split(":", 1)[0].lower()
+    if scheme not in ("mysql", "mariadb", "sqlite") or "://" not in text:
+        raise ConfigError(f"{key} must start with mysql:// or sqlite:/// (for example mysql://piwigo:PASSWORD@127.0.0.1:3306/piwigo)")
+    return text
+
+
+# The schema: section -> key -> (checker, default). A section whose value is a dict of this form
+# nests; `_REQUIRED` marks a key without a default.
+SCHEMA: dict[str, Any] = {
+    "piwigo": {
+        "root": (_nonempty_string, _REQUIRED),
+        "upload_dir": (_nonempty_string, "upload"),
+        "database": {
+            "url": (_database_url, _REQUIRED),
+            "table_prefix": (_string, "piwigo_"),
+        },
+    },
+    "monitor": {
+        "enabled": (_boolean, True),
+        "poll_interval": (_seconds(0.1, 3600), 2.0),
+        "match_timeout": (_seconds(1, 7 * 86400), 600.0),
+    },
+    "s3": {
+        "bucket": (_bucket, _REQUIRED),
+        "prefix": (_string, ""),
+        "key_template": (_key_template, "{prefix}{path}"),
+        "region": (_nonempty_string, "us-east-1"),
+        "endpoint_url": (_endpoint_url, None),
+        "access_key_id": (_optional_string, None),
+        "secret_access_key": (_optional_string, None),
+        "addressing_style": (_choice("auto", "path", "virtual"), "auto"),
+        "conditional_writes": (_choice("auto", "never"), "auto"),
+        "flexible_checksums": (_boolean, False),
+        "connect_timeout": (_seconds(1, 600), 10.0),
+        "read_timeout": (_seconds(1, 3600), 60.0),
+    },
+    "uploads": {
+        "workers": (_integer(1, 64), 4),
+        "prevent_duplicates": (_boolean, False),
+        "multipart_threshold_mb": (_mebibytes(5, 5 * 1024), 64),
+        "part_size_mb": (_mebibytes(5, 5 * 1024), 16),
+        "attempts": (_integer(1, 100), 5),
+        "retry_interval": (_seconds(1, 86400), 300.0),
+    },
+    "links": {
+        "mode": (_choice("public", "presigned"), "public"),
+        "base_url": (_endpoint_url, None),
+        "expires": (_integer(1, 7 * 86400), 7 * 86400),
+    },
+    "log": {
+        "format": (_choice("console", "json"), "console"),
+        "level": (_choice("debug", "info", "warning", "error"), "info"),
+    },
+    "state_dir": (_nonempty_string, "/var/lib/s3watch"),
+}
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, (dict, list)):
+        return f"a {'mapping' if isinstance(value, dict) else 'list'}"
+    return repr(value)
+
+
+def _apply_schema(schema: dict[str, Any], data: Any, where: str, file: Path) -> dict[str, Any]:
+    """Check `data` against one level of the schema and return it with defaults filled in.
+
+    Raises ConfigError for an unknown key (suggesting the nearest known one), a missing required
+    key or a value of the wrong type.
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        name = where.rstrip(".") or "the top level"
+        raise ConfigError(f"{file}: {name} must be a mapping of keys to values, got {_describe(data)}")
+
+    for name in data:
+        if name not in schema:
+            known = list(schema)
+            nearest = difflib.get_close_matches(str(name), known, n=1)
+            hint = f" (did you mean '{where}{nearest[0]}'?)" if nearest else f" (known keys here: {', '.join(known)})"
+            raise ConfigError(f"{file}: unknown key '{where}{name}'{hint}")
+
+    result: dict[str, Any] = {}
+    for name, rule in schema.items():
+        key = where + name
+        if isinstance(rule, dict):
+            if name == "database" and data.get(name) is None:
+                result[name] = None
+                continue
+            result[name] = _apply_schema(rule, data.get(name), key + ".", file)
+            continue
+
+        check, default = rule
+        if name not in data:
+            if default is _REQUIRED:
+                raise ConfigError(f"{file}: missing key '{key}': add it (see s3watch.yaml.example)")
+            # Defaults go through the checker too, which converts units (MiB to bytes).
+            result[name] = check(key, default) if default is not None else None
+            continue
+        try:
+            result[name] = check(key, data[name])
+        except ConfigError as error:
+            raise ConfigError(f"{file}: {error}") from None
+    return result
+
+
+def parse_config(text: str, source: Path) -> Config:
+    """Parse and validate configuration text; `source` names the file in messages.
+
+    Returns the typed configuration with every default filled in. Raises ConfigError for
+    unparseable YAML and for any invalid, unknown or missing key. Folders are not checked
+    here (see `check_folders`), so a configuration can be validated on another machine.
+    """
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{source}{line}: could not parse YAML ({problem}): fix the syntax there") from None
+
+    values = _apply_schema(SCHEMA, data, "", source)
+
+    piwigo = values["piwigo"]
+    database = DatabaseConfig(**piwigo["database"]) if piwigo["database"] else None
+    uploads = values["uploads"]
+    if uploads["part_size_mb"] > uploads["multipart_threshold_mb"]:
+        raise ConfigError(f"{source}: uploads.part_size_mb must not be larger than uploads.multipart_threshold_mb")
+    s3 = values["s3"]
+    if (s3["access_key_id"] is None) != (s3["secret_access_key"] is None):
+        raise ConfigError(f"{source}: set both s3.access_key_id and s3.secret_access_key, or neither to use boto3's credential chain")
+
+    return Config(
+        piwigo=PiwigoConfig(root=Path(piwigo["root"]), upload_dir=piwigo["upload_dir"].strip("/"), database=database),
+        monitor=MonitorConfig(**values["monitor"]),
+        s3=S3Config(**s3),
+        uploads=UploadsConfig(
+            workers=uploads["workers"],
+            prevent_duplicates=uploads["prevent_duplicates"],
+            multipart_threshold=uploads["multipart_threshold_mb"],
+            part_size=uploads["part_size_mb"],
+            attempts=uploads["attempts"],
+            retry_interval=uploads["retry_interval"],
+        ),
+        links=LinksConfig(**values["links"]),
+        log=LogConfig(**values["log"]),
+        state_dir=Path(values["state_dir"]),
+        source=source,
+    )
+
+
+def load_config(path: Path) -> Config:
+    """Read, parse and validate the configuration file at `path`.
+
+    Returns the typed configuration. Raises ConfigError when the file is missing,
+    unreadable or invalid, or when the gallery folders it names cannot be read.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {path} not found: create it from s3watch.yaml.example or pass --config PATH") from None
+    except PermissionError:
+        raise ConfigError(f"configuration file {path} is not readable by this user: fix its permissions or run as its owner") from None
+    except IsADirectoryError:
+        raise ConfigError(f"configuration file {path} is a directory: pass the YAML file with --config PATH") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"configuration file {path} is not UTF-8 text: save it as UTF-8") from None
+
+    config = parse_config(text, path)
+    check_folders(config)
+    return config
+
+
+def check_folders(config: Config) -> None:
+    """Check that the gallery root exists and can be read.
+
+    The upload directory may be missing, because Piwigo creates it at the first upload.
+    Raises ConfigError naming the folder otherwise.
+    """
+    root = config.piwigo.root
+    if not root.is_absolute():
+        raise ConfigError(f"{config.source}: piwigo.root must be an absolute path, got {str(root)!r}")
+    if not root.is_dir():
+        raise ConfigError(f"{config.source}: piwigo.root {root} is not a directory: set it to the gallery's root folder")
+    if not os.access(root, os.R_OK | os.X_OK):
+        raise ConfigError(f"{config.source}: piwigo.root {root} is not readable by this user: add the user to the web server's group")
+
+    upload = config.piwigo.upload_path
+    if upload.exists() and not os.access(upload, os.R_OK | os.X_OK):
+        raise ConfigError(f"{config.source}: upload directory {upload} is not readable by this user: add the user to the web server's group")
+    if not config.state_dir.is_absolute():
+        raise ConfigError(f"{config.source}: state_dir must be an absolute path, got {str(config.state_dir)!r}")

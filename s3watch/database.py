@@ -1,0 +1,176 @@
+"""Read-only access to Piwigo's images table, in MySQL/MariaDB or SQLite, with reconnection."""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import pymysql
+
+from .piwigo import DatabaseSettings, row_path
+
+
+class DatabaseError(Exception):
+    """The database could not be reached or queried; the message says which and what to do."""
+
+
+@dataclass(frozen=True)
+class ImageRow:
+    """One photo's row of the images table, as s3watch needs it."""
+
+    id: int
+    path: str  # relative to the gallery root, without the leading './'
+    md5sum: str | None
+
+
+class ImagesTable:
+    """The gallery's images table. Never writes.
+
+    A connection that dropped (server restart, idle past wait_timeout) is reopened once per query.
+    Not thread-safe: use one instance per thread.
+    """
+
+    def __init__(self, settings: DatabaseSettings) -> None:
+        self.settings = settings
+        prefix = settings.table_prefix
+        if not re.fullmatch(r"\w*", prefix):
+            raise DatabaseError(f"table prefix {prefix!r} is invalid: use letters, digits and '_' only")
+        self.table = f"{prefix}images"
+        self._connection: Any = None
+
+    def connect(self) -> None:
+        """Open the connection and check that the images table exists.
+
+        Raises DatabaseError saying what failed: unreachable server, refused login, missing database or table.
+        """
+        self.close()
+        settings = self.settings
+        try:
+            if settings.kind == "sqlite":
+                assert settings.sqlite_path is not None
+                if not settings.sqlite_path.is_file():
+                    raise DatabaseError(f"SQLite database {settings.sqlite_path} not found: check piwigo.database.url")
+                self._connection = sqlite3.connect(f"{settings.sqlite_path.as_uri()}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
+            else:
+                self._connection = pymysql.connect(
+                    host=settings.host,
+                    port=settings.port,
+                    unix_socket=settings.unix_socket,
+                    user=settings.user,
+                    password=settings.password or "",
+                    database=settings.database,
+                    charset="utf8mb4",
+                    connect_timeout=10,
+                    read_timeout=60,
+                    write_timeout=60,
+                    # Autocommit so that no long-lived transaction snapshot hides new rows in InnoDB.
+                    autocommit=True,
+                )
+        except pymysql.err.OperationalError as error:
+            raise DatabaseError(_explain_mysql_error(error, settings)) from None
+        except sqlite3.Error as error:
+            raise DatabaseError(f"could not open SQLite database {settings.sqlite_path}: {error}") from None
+
+        try:
+            self._query(f"SELECT id, path, md5sum FROM {self.table} WHERE 1=0", ())
+        except DatabaseError as error:
+            self.close()
+            raise DatabaseError(f"table {self.table} not found or unreadable in {settings.describe()} ({error}): check the table prefix") from None
+
+    def close(self) -> None:
+        """Close the connection, if open."""
+        if self._connection is not None:
+            try:
+                self._connection.close()
+            except Exception:  # noqa: BLE001 - closing a broken connection may fail in any way
+                pass
+            self._connection = None
+
+    def find_by_paths(self, paths: Iterable[str]) -> dict[str, ImageRow]:
+        """Look up the rows of files given by gallery-relative path.
+
+        Returns the rows found, keyed by the path as given. Raises DatabaseError.
+        """
+        wanted = list(paths)
+        found: dict[str, ImageRow] = {}
+        for start in range(0, len(wanted), 500):
+            batch = wanted[start : start + 500]
+            candidates = [f"./{path}" for path in batch] + batch
+            marks = ", ".join([self._mark] * len(candidates))
+            rows = self._query(f"SELECT id, path, md5sum FROM {self.table} WHERE path IN ({marks})", candidates)
+            for row in rows:
+                image = _image(row)
+                if image.path in batch:
+                    found[image.path] = image
+        return found
+
+    def find_by_ids(self, ids: Iterable[int]) -> dict[int, ImageRow]:
+        """Look up rows by image id. Returns the rows found, keyed by id. Raises DatabaseError."""
+        wanted = list(ids)
+        found: dict[int, ImageRow] = {}
+        for start in range(0, len(wanted), 500):
+            batch = wanted[start : start + 500]
+            marks = ", ".join([self._mark] * len(batch))
+            for row in self._query(f"SELECT id, path, md5sum FROM {self.table} WHERE id IN ({marks})", batch):
+                image = _image(row)
+                found[image.id] = image
+        return found
+
+    def rows_after(self, image_id: int, limit: int = 1000) -> list[ImageRow]:
+        """Return up to `limit` rows with an id above `image_id`, lowest first. Raises DatabaseError."""
+        rows = self._query(f"SELECT id, path, md5sum FROM {self.table} WHERE id > {self._mark} ORDER BY id LIMIT {int(limit)}", (image_id,))
+        return [_image(row) for row in rows]
+
+    def max_id(self) -> int:
+        """Return the highest image id, or 0 for an empty table. Raises DatabaseError."""
+        rows = self._query(f"SELECT MAX(id) FROM {self.table}", ())
+        return int(rows[0][0] or 0) if rows else 0
+
+    @property
+    def _mark(self) -> str:
+        return "?" if self.settings.kind == "sqlite" else "%s"
+
+    def _query(self, sql: str, params: Any) -> list[tuple[Any, ...]]:
+        """Run a read query, reconnecting once if the connection dropped. Raises DatabaseError."""
+        for attempt in (1, 2):
+            if self._connection is None:
+                self.connect()
+            try:
+                if self.settings.kind == "sqlite":
+                    return list(self._connection.execute(sql, tuple(params)).fetchall())
+                with self._connection.cursor() as cursor:
+                    cursor.execute(sql, tuple(params))
+                    return list(cursor.fetchall())
+            except (pymysql.err.OperationalError, pymysql.err.InterfaceError) as error:
+                self.close()
+                if attempt == 2:
+                    raise DatabaseError(_explain_mysql_error(error, self.settings)) from None
+            except pymysql.err.ProgrammingError as error:
+                raise DatabaseError(f"query on {self.table} failed: {error.args[-1]}") from None
+            except sqlite3.Error as error:
+                self.close()
+                if attempt == 2:
+                    raise DatabaseError(f"query on {self.table} in {self.settings.sqlite_path} failed: {error}") from None
+        raise AssertionError("unreachable")
+
+
+def _image(row: tuple[Any, ...]) -> ImageRow:
+    md5 = row[2].strip().lower() if isinstance(row[2], str) and row[2].strip() else None
+    return ImageRow(id=int(row[0]), path=row_path(str(row[1])), md5sum=md5)
+
+
+def _explain_mysql_error(error: Exception, settings: DatabaseSettings) -> str:
+    """Turn a PyMySQL error into one line that says what failed and what to check."""
+    code = error.args[0] if error.args and isinstance(error.args[0], int) else None
+    where = settings.describe()
+    if code == 1045:
+        return f"database login refused for {where}: check the user and password"
+    if code == 1049:
+        return f"database {settings.database!r} not found on {where}: check the database name"
+    if code in (1044, 1142):
+        return f"database user has no read access on {where}: grant SELECT on the Piwigo tables"
+    if code in (2003, 2002, 2006, 2013, 2055) or code is None:
+        return f"database server {where} could not be reached: is MariaDB running and is the address right?"
+    return f"database error on {where}: {error.args[-1] if error.args else error}"

@@ -1,0 +1,68 @@
+"""Log output: structlog set up for one event per line, readable by people and by journalctl."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any, TextIO
+
+import structlog
+
+# sd-daemon(3) priority prefixes: systemd reads "<N>" at the start of a line as the line's
+# syslog priority, so `journalctl -p warning` shows only problems.
+SYSLOG_PRIORITIES = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def _render_value(value: Any) -> str:
+    text = value if isinstance(value, str) else repr(value) if not isinstance(value, (int, float, bool)) else str(value)
+    if text == "" or any(char in text for char in ' "=\\') or any(ord(char) < 0x20 for char in text):
+        escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+        return f'"{escaped}"'
+    return text
+
+
+class EventLineRenderer:
+    """Render `uploaded path=... key=...`: the event name, then the fields as logfmt.
+
+    Under systemd (stdout connected to the journal) each line starts with its syslog priority.
+    """
+
+    def __init__(self, priority_prefix: bool, show_level: bool) -> None:
+        self.priority_prefix = priority_prefix
+        self.show_level = show_level
+
+    def __call__(self, _logger: Any, _name: str, event_dict: dict[str, Any]) -> str:
+        level = event_dict.pop("level", "info")
+        event = event_dict.pop("event", "")
+        timestamp = event_dict.pop("timestamp", None)
+        fields = " ".join(f"{name}={_render_value(value)}" for name, value in event_dict.items() if value is not None)
+        line = f"{event} {fields}".rstrip()
+        if self.priority_prefix:
+            return f"<{SYSLOG_PRIORITIES.get(level, 6)}>{line}"
+        prefix = f"{timestamp} " if timestamp else ""
+        if self.show_level and level != "info":
+            prefix += f"{level.upper()} "
+        return prefix + line
+
+
+def configure_logging(format: str = "console", level: str = "info", stream: TextIO | None = None) -> None:
+    """Set up structlog: console lines (with priority prefixes under systemd) or JSON, at `level` and above."""
+    output = stream or sys.stdout
+    under_journal = bool(os.environ.get("JOURNAL_STREAM")) and stream is None
+    processors: list[Any] = [
+        structlog.processors.add_log_level,
+    ]
+    if format == "json":
+        processors += [structlog.processors.TimeStamper(fmt="iso", utc=True), structlog.processors.JSONRenderer()]
+    else:
+        if not under_journal:
+            processors.append(structlog.processors.TimeStamper(fmt="%Y-%m-%dT%H:%M:%S", utc=True))
+        processors.append(EventLineRenderer(priority_prefix=under_journal, show_level=True))
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(LEVELS.get(level, logging.INFO)),
+        logger_factory=structlog.PrintLoggerFactory(output),
+        cache_logger_on_first_use=False,
+    )

@@ -1,0 +1,138 @@
+"""`s3watch status`: what is pending or failed, what was uploaded, with links, read from the journal."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+from .config import Config
+from .journal import JournalState, Upload, read_journal
+from .uploader import Uploader
+
+LIST_LENGTH = 10
+
+
+def upload_status(upload: Upload) -> str:
+    """Return the status word shown for an upload: its failure code while it is pending after a failure."""
+    if upload.status == "pending":
+        return upload.code or "pending"
+    if upload.status == "detected":
+        return "waiting_for_row"
+    return upload.status
+
+
+def build_status(config: Config, state: JournalState | None = None) -> dict[str, Any]:
+    """Build the status report from the journal (read without disturbing a running agent).
+
+    Returns a dict with `counts`, `pending` (the most recent pending or failed uploads, and files
+    waiting for their row), `uploaded` (the most recent uploads, with key and download link) and
+    `problems` (files that will not be uploaded: unmatched or gone). Raises JournalError.
+    """
+    if state is None:
+        state, _ = read_journal(config.journal_path)
+    uploads = list(state.uploads.values())
+    counts = Counter(upload_status(u) if u.status in ("pending", "detected") else u.status for u in uploads)
+
+    pending = sorted((u for u in uploads if u.status in ("pending", "detected")), key=lambda u: u.ts, reverse=True)
+    done = sorted((u for u in uploads if u.status in ("uploaded", "already_present", "duplicate")), key=lambda u: u.ts, reverse=True)
+    problems = sorted((u for u in uploads if u.status in ("unmatched", "gone")), key=lambda u: u.ts, reverse=True)
+
+    uploader = Uploader(config.s3, config.uploads, config.links, config.piwigo.root)
+    return {
+        "bucket": config.s3.bucket,
+        "counts": {
+            "pending": sum(1 for u in uploads if u.status == "pending"),
+            "waiting_for_row": counts.get("waiting_for_row", 0),
+            "failed": sum(1 for u in uploads if u.status == "pending" and u.code),
+            "uploaded": counts.get("uploaded", 0),
+            "already_present": counts.get("already_present", 0),
+            "duplicate": counts.get("duplicate", 0),
+            "unmatched": counts.get("unmatched", 0),
+            "gone": counts.get("gone", 0),
+        },
+        "pending": [_pending_item(u) for u in pending[:LIST_LENGTH]],
+        "uploaded": [_uploaded_item(u, uploader) for u in done[:LIST_LENGTH]],
+        "problems": [_problem_item(u) for u in problems[:LIST_LENGTH]],
+    }
+
+
+def _pending_item(upload: Upload) -> dict[str, Any]:
+    return {
+        "path": upload.path,
+        "image_id": upload.image_id,
+        "status": upload_status(upload),
+        "error": upload.error if upload.code else None,
+        "attempts": upload.attempts,
+        "last_try": upload.ts if upload.code else None,
+        "source": upload.source,
+        "since": upload.detected_ts or upload.ts,
+    }
+
+
+def _uploaded_item(upload: Upload, uploader: Uploader) -> dict[str, Any]:
+    linked_key = upload.duplicate_of if upload.status == "duplicate" else upload.key
+    try:
+        url = uploader.download_url(linked_key) if linked_key else None
+    except Exception:  # noqa: BLE001 - a presigned link needs credentials this user may lack
+        url = None
+    return {
+        "path": upload.path,
+        "image_id": upload.image_id,
+        "status": upload.status,
+        "key": upload.key,
+        "url": url,
+        "bytes": upload.bytes,
+        "md5": upload.md5,
+        "duplicate_of": upload.duplicate_of,
+        "time": upload.ts,
+    }
+
+
+def _problem_item(upload: Upload) -> dict[str, Any]:
+    return {"path": upload.path, "image_id": upload.image_id, "status": upload.status, "error": upload.error, "time": upload.ts}
+
+
+def render_json(report: dict[str, Any]) -> str:
+    """Render the report as one JSON object."""
+    return json.dumps(report, ensure_ascii=False, indent=2)
+
+
+def render_text(report: dict[str, Any]) -> str:
+    """Render the report for a person at a terminal."""
+    counts = report["counts"]
+    lines = [
+        f"bucket {report['bucket']}: {counts['uploaded']} uploaded, {counts['pending']} pending "
+        f"({counts['failed']} failed), {counts['waiting_for_row']} waiting for their row, "
+        f"{counts['already_present']} already present, {counts['duplicate']} duplicates, "
+        f"{counts['unmatched']} unmatched, {counts['gone']} gone",
+        "",
+        f"Pending ({len(report['pending'])} most recent):",
+    ]
+    if not report["pending"]:
+        lines.append("  none")
+    for item in report["pending"]:
+        detail = f"  {item['status']:<18} {item['path']}  image {item['image_id'] if item['image_id'] is not None else '-'}"
+        if item["attempts"]:
+            detail += f"  attempts {item['attempts']}  last try {item['last_try']}"
+        lines.append(detail)
+        if item["error"]:
+            lines.append(f"  {'':<18} {item['error']}")
+
+    lines += ["", f"Uploaded ({len(report['uploaded'])} most recent):"]
+    if not report["uploaded"]:
+        lines.append("  none")
+    for item in report["uploaded"]:
+        lines.append(f"  {item['time']}  {item['path']}  image {item['image_id']}  -> {item['key']}")
+        if item["status"] == "already_present":
+            lines.append("      an object was already at this key; it was left untouched")
+        if item["status"] == "duplicate":
+            lines.append(f"      same content as {item['duplicate_of']}; not uploaded again")
+        if item["url"]:
+            lines.append(f"      {item['url']}")
+
+    if report["problems"]:
+        lines += ["", f"Not uploaded ({len(report['problems'])} most recent):"]
+        for item in report["problems"]:
+            lines.append(f"  {item['status']:<10} {item['path']}  {item['error'] or ''}")
+    return "\n".join(lines)

@@ -1,0 +1,102 @@
+"""Watching the upload directory with inotify (watchdog) and reporting every file that may be a new original."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+from typing import Callable
+
+import structlog
+from watchdog.events import (
+    DirCreatedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers.inotify import InotifyObserver
+
+try:
+    from watchdog.events import EventsLostEvent
+except ImportError:  # watchdog before 6 reports no lost events; the table poll still finds the photos
+    EventsLostEvent = None  # type: ignore[assignment,misc]
+
+log = structlog.get_logger("s3watch.watcher")
+
+
+class WatchError(Exception):
+    """The upload directory could not be watched; the message says what to change."""
+
+
+class _Handler(FileSystemEventHandler):
+    """Turns watchdog events into absolute file paths; new folders are scanned, because a file
+    moved in right after its folder was created can arrive before the folder's watch."""
+
+    def __init__(self, on_file: Callable[[str], None], on_events_lost: Callable[[], None]) -> None:
+        self.on_file = on_file
+        self.on_events_lost = on_events_lost
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if EventsLostEvent is not None and isinstance(event, EventsLostEvent):
+            self.on_events_lost()
+        elif isinstance(event, FileMovedEvent):
+            self.on_file(os.fsdecode(event.dest_path))
+        elif isinstance(event, (FileCreatedEvent, FileClosedEvent)):
+            self.on_file(os.fsdecode(event.src_path))
+        elif isinstance(event, DirMovedEvent):
+            self._scan(os.fsdecode(event.dest_path))
+        elif isinstance(event, DirCreatedEvent):
+            self._scan(os.fsdecode(event.src_path))
+
+    def _scan(self, folder: str) -> None:
+        for current, _folders, files in os.walk(folder):
+            for name in files:
+                self.on_file(os.path.join(current, name))
+
+
+class UploadWatcher:
+    """A recursive inotify watch on the upload directory.
+
+    `on_file` is called from watchdog's thread with the absolute path of every file created,
+    moved in or closed after writing, including files in folders created later. The same path
+    may be reported several times: the caller coalesces. `on_events_lost` is called when the
+    kernel's event queue overflowed.
+    """
+
+    def __init__(self, upload_path: Path, on_file: Callable[[str], None], on_events_lost: Callable[[], None]) -> None:
+        self.upload_path = upload_path
+        self._handler = _Handler(on_file, on_events_lost)
+        self._observer: InotifyObserver | None = None
+
+    def start(self) -> None:
+        """Start watching. Raises WatchError when inotify refuses, naming the limit to raise."""
+        observer = InotifyObserver()
+        try:
+            observer.schedule(self._handler, str(self.upload_path), recursive=True)
+            observer.start()
+        except OSError as error:
+            observer.stop()
+            if error.errno == errno.ENOSPC:
+                raise WatchError(
+                    f"inotify watch limit reached while watching {self.upload_path}: "
+                    "raise fs.inotify.max_user_watches (sysctl -w fs.inotify.max_user_watches=524288)"
+                ) from None
+            if error.errno == errno.EMFILE:
+                raise WatchError("inotify instance limit reached: raise fs.inotify.max_user_instances (sysctl -w fs.inotify.max_user_instances=1024)") from None
+            raise WatchError(f"could not watch {self.upload_path}: {error.strerror or error}") from None
+        self._observer = observer
+
+    @property
+    def running(self) -> bool:
+        """Whether the watch is in place."""
+        return self._observer is not None and self._observer.is_alive()
+
+    def stop(self) -> None:
+        """Stop watching and wait for watchdog's thread to end."""
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=10)
+            self._observer = None
