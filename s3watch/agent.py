@@ -363,18 +363,17 @@ class Agent:
             self.next_poll = now  # more rows are waiting
 
     def _start_watcher_if_upload_dir_appeared(self) -> None:
+        """Start the watch once the upload directory exists, or once monitoring was switched on.
+
+        The tree is not scanned: a file already there is found by the table poll when its row
+        is newer than the cursor, and otherwise was added while monitoring was off.
+        """
         if self.watcher is not None or not self.config.monitor.enabled:
             return
         try:
             self._start_watcher()
         except WatchError as error:
             log.error("watch_failed", error=str(error))
-            return
-        if self.watcher is not None:
-            # Files moved in before the watch was in place would have no event.
-            for current, _folders, files in os.walk(self.config.piwigo.upload_path):
-                for name in files:
-                    self._on_file(os.path.join(current, name))
 
     def _database_unavailable(self, error: DatabaseError) -> None:
         if not self.database_down:

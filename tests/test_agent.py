@@ -1,0 +1,309 @@
+"""The agent end to end, against a real MariaDB images table and a real SeaweedFS bucket."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from s3watch.demo import PiwigoImitation, sample_photo
+from s3watch.seaweed import SeaweedFS
+
+from .conftest import AgentProcess, Setup, wait_for
+
+
+def object_bytes(seaweed: SeaweedFS, bucket: str, key: str) -> bytes:
+    return seaweed.client().get_object(Bucket=bucket, Key=key)["Body"].read()  # type: ignore[attr-defined]
+
+
+def uploaded(setup: Setup, path: str) -> bool:
+    return setup.upload_status(path) == "uploaded"
+
+
+def test_photos_added_like_piwigo_arrive_with_their_bytes(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation, seaweed: SeaweedFS, bucket: str) -> None:
+    agent.start()
+    photos = {}
+    for number in range(3):
+        data = sample_photo(number, size=150_000)
+        image_id, path = piwigo.add_photo(data)
+        photos[path] = (image_id, data)
+
+    # The resize option: the file is moved in, rewritten in place, and only then gets its row.
+    original = sample_photo(99, size=300_000)
+    path = piwigo.place_file(original)
+    time.sleep(0.3)
+    resized = sample_photo(100, size=120_000)
+    with open(piwigo.root / path, "r+b") as handle:
+        handle.write(resized)
+        handle.truncate()
+    image_id = piwigo.insert_row(path, hashlib.md5(original).hexdigest(), len(resized))
+    photos[path] = (image_id, resized)
+
+    for path in photos:
+        wait_for(lambda: uploaded(setup, path), what=f"{path} uploaded")
+    for path, (image_id, data) in photos.items():
+        assert object_bytes(seaweed, bucket, path) == data
+        head = seaweed.client().head_object(Bucket=bucket, Key=path)  # type: ignore[attr-defined]
+        assert head["Metadata"]["piwigo-image-id"] == str(image_id)
+        assert head["Metadata"]["md5"] == hashlib.md5(data).hexdigest()
+    assert "uploaded path=" in agent.log()
+
+
+def test_file_without_row_is_reported_unmatched(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation) -> None:
+    setup.update("monitor", match_timeout=2)
+    agent.start()
+    path = piwigo.place_file(sample_photo(1))
+
+    wait_for(lambda: setup.upload_status(path) == "unmatched", what="the file to be unmatched")
+    problems = setup.status()["problems"]
+    assert [item["path"] for item in problems] == [path]
+    assert problems[0]["status"] == "unmatched"
+    assert "unmatched" in agent.log()
+
+
+def test_files_that_are_not_originals_are_ignored(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation, gallery_root: Path) -> None:
+    agent.start()
+    day = gallery_root / "upload" / "2026" / "01" / "02"
+    (day / "pwg_representative").mkdir(parents=True)
+    (day / "index.htm").write_text("Not allowed!")
+    (day / ".hidden.jpg").write_bytes(b"x")
+    (day / "pwg_representative" / "a.jpg").write_bytes(b"x")
+    (gallery_root / "upload" / "buffer").mkdir(exist_ok=True)
+    (gallery_root / "upload" / "buffer" / "0b5f049e74fdffceeaf48f4072d90d95").write_bytes(b"x")
+    (day / "photo.jpg.part").write_bytes(b"x")
+    # A real photo after the others: once it is uploaded, the others have been seen too.
+    _, path = piwigo.add_photo(sample_photo(1))
+
+    wait_for(lambda: uploaded(setup, path), what="the photo")
+    assert list(setup.journal().uploads) == [path]
+
+
+def test_object_already_at_key_is_left_untouched(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation, seaweed: SeaweedFS, bucket: str) -> None:
+    data = sample_photo(1)
+    day_path = piwigo.place_file(data)
+    seaweed.client().put_object(Bucket=bucket, Key=day_path, Body=b"someone else's object")  # type: ignore[attr-defined]
+    agent.start()
+    piwigo.insert_row(day_path, hashlib.md5(data).hexdigest(), len(data))
+
+    wait_for(lambda: setup.upload_status(day_path) == "already_present", what="already_present")
+    assert object_bytes(seaweed, bucket, day_path) == b"someone else's object"
+    assert setup.status()["uploaded"][0]["status"] == "already_present"
+
+
+@pytest.mark.parametrize("prevent", [True, False])
+def test_duplicate_content_skipped_only_when_enabled(prevent: bool, setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation, seaweed: SeaweedFS, bucket: str) -> None:
+    setup.update("uploads", prevent_duplicates=prevent)
+    agent.start()
+    data = sample_photo(1)
+    _, first = piwigo.add_photo(data)
+    wait_for(lambda: uploaded(setup, first), what="the first copy")
+    _, second = piwigo.add_photo(data)
+
+    if prevent:
+        wait_for(lambda: setup.upload_status(second) == "duplicate", what="duplicate")
+        assert setup.journal().uploads[second].duplicate_of == first
+        listing = seaweed.client().list_objects_v2(Bucket=bucket, Prefix="upload/")  # type: ignore[attr-defined]
+        assert [item["Key"] for item in listing["Contents"]] == [first]
+    else:
+        wait_for(lambda: uploaded(setup, second), what="the second copy")
+        assert object_bytes(seaweed, bucket, second) == data
+
+
+def test_killed_agent_finishes_batch_after_restart(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation, seaweed: SeaweedFS, bucket: str) -> None:
+    setup.update("uploads", workers=2)
+    agent.start()
+    photos = {}
+    for number in range(40):
+        data = sample_photo(number, size=400_000)
+        _, path = piwigo.add_photo(data)
+        photos[path] = data
+
+    wait_for(lambda: sum(1 for u in setup.journal().uploads.values() if u.status == "uploaded") >= 5, what="some uploads")
+    agent.kill()
+    before = {path for path, upload in setup.journal().uploads.items() if upload.status == "uploaded"}
+    etags = {path: seaweed.client().head_object(Bucket=bucket, Key=path)["ETag"] for path in before}  # type: ignore[attr-defined]
+
+    agent.start()
+    for path in photos:
+        wait_for(lambda: uploaded(setup, path), what=f"{path} after the restart")
+    for path, data in photos.items():
+        assert object_bytes(seaweed, bucket, path) == data
+    for path, etag in etags.items():
+        assert seaweed.client().head_object(Bucket=bucket, Key=path)["ETag"] == etag  # type: ignore[attr-defined]
+    # A finished upload is never sent again: each photo has exactly one "uploaded" record.
+    records = [r for r in setup.records() if r["event"] == "uploaded"]
+    assert sorted(r["path"] for r in records) == sorted(photos)
+
+
+def test_bad_credentials_fail_403_then_upload_after_reload(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation, seaweed: SeaweedFS, bucket: str) -> None:
+    setup.update("s3", secret_access_key="wrong-secret")
+    agent.start()
+    paths = [piwigo.add_photo(sample_photo(n))[1] for n in range(3)]
+
+    def all_failed_403() -> bool:
+        pending = {item["path"]: item["status"] for item in setup.status()["pending"]}
+        return all(pending.get(path) == "failed_code_403" for path in paths)
+
+    wait_for(all_failed_403, what="failed_code_403 on every photo")
+
+    setup.update("s3", secret_access_key=seaweed.secret_key)
+    agent.signal(signal.SIGHUP)
+    for path in paths:
+        wait_for(lambda: uploaded(setup, path), what=f"{path} after the key was fixed")
+    assert setup.status()["pending"] == []
+    assert "wrong-secret" not in agent.log()
+
+
+def test_wrong_bucket_fails_404(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation) -> None:
+    setup.update("s3", bucket="no-such-bucket-s3watch")
+    agent.start()
+    _, path = piwigo.add_photo(sample_photo(1))
+
+    wait_for(lambda: any(item["path"] == path and item["status"] == "failed_code_404" for item in setup.status()["pending"]), what="failed_code_404")
+
+
+def test_unreachable_endpoint_fails_0_and_recovers(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation, tmp_path: Path) -> None:
+    store = SeaweedFS(tmp_path / "store", access_key="test-access", secret_key="test-secret-Kp3mN9")
+    store.start()
+    store.create_bucket("recovering")
+    store.stop()
+    setup.update("s3", bucket="recovering", endpoint_url=store.endpoint_url, connect_timeout=1)
+    agent.start()
+    _, path = piwigo.add_photo(sample_photo(1))
+
+    wait_for(lambda: any(item["path"] == path and item["status"] == "failed_code_0" for item in setup.status()["pending"]), what="failed_code_0")
+    store.start()
+    try:
+        wait_for(lambda: uploaded(setup, path), timeout=90, what="the upload once the store is back")
+    finally:
+        store.stop()
+
+
+def test_torn_last_journal_line_is_survived(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation) -> None:
+    agent.start()
+    _, first = piwigo.add_photo(sample_photo(1))
+    wait_for(lambda: uploaded(setup, first), what="the first photo")
+    agent.stop()
+
+    journal = setup.state_dir / "journal.jsonl"
+    with open(journal, "ab") as handle:
+        handle.write(b'{"ts":"2026-12-04T10:00:00.000Z","event":"queued","path":"upl')
+    assert setup.status()["counts"]["uploaded"] == 1
+
+    agent.start()
+    _, second = piwigo.add_photo(sample_photo(2))
+    wait_for(lambda: uploaded(setup, second), what="a photo after the restart")
+    assert all(line.endswith(b"}") for line in journal.read_bytes().splitlines())
+
+
+def test_corrupt_middle_line_stops_start_with_line_number(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation) -> None:
+    agent.start()
+    _, first = piwigo.add_photo(sample_photo(1))
+    wait_for(lambda: uploaded(setup, first), what="the photo")
+    agent.stop()
+    journal = setup.state_dir / "journal.jsonl"
+    lines = journal.read_bytes().splitlines(keepends=True)
+    lines.insert(2, b"this is not json\n")
+    journal.write_bytes(b"".join(lines))
+
+    from .conftest import run_cli
+
+    result = run_cli("--config", str(setup.path), "run")
+    assert result.returncode == 1
+    assert "line 3 is corrupt" in result.stderr
+    assert "s3watch journal repair" in result.stderr
+
+    repaired = run_cli("--config", str(setup.path), "journal", "repair")
+    assert repaired.returncode == 0, repaired.stderr
+    assert "dropped 1" in repaired.stdout
+    assert setup.upload_status(first) == "uploaded"
+
+
+def test_monitoring_disabled_queues_nothing(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation) -> None:
+    setup.update("monitor", enabled=False)
+    agent.start()
+    image_id, path = piwigo.add_photo(sample_photo(1))
+
+    # The poll moves the cursor past the new row without queueing it.
+    wait_for(lambda: setup.journal().cursor == image_id, what="the poll to pass the row")
+    assert setup.journal().uploads == {}
+
+    setup.update("monitor", enabled=True)
+    agent.signal(signal.SIGHUP)
+    wait_for(lambda: "reloaded" in agent.log(), what="the reload")
+    _, later = piwigo.add_photo(sample_photo(2))
+    wait_for(lambda: uploaded(setup, later), what="a photo added after monitoring was switched on")
+    assert path not in setup.journal().uploads
+
+
+def test_restart_catches_up_on_photos_added_while_down(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation) -> None:
+    agent.start()
+    _, first = piwigo.add_photo(sample_photo(1))
+    wait_for(lambda: uploaded(setup, first), what="the first photo")
+    agent.stop()
+
+    missed = [piwigo.add_photo(sample_photo(n))[1] for n in range(2, 5)]
+    agent.start()
+    for path in missed:
+        wait_for(lambda: uploaded(setup, path), what=f"{path} found by the table poll")
+    assert {setup.journal().uploads[path].source for path in missed} == {"poll"}
+
+
+def test_names_with_spaces_and_accents_keep_their_key(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation, seaweed: SeaweedFS, bucket: str) -> None:
+    setup.update("s3", prefix="originals/")
+    agent.start()
+    names = ["holiday photo 4.jpg", "été à Noël.jpg", "Tom & Jerry's.jpg"]
+    paths = [piwigo.add_photo(sample_photo(n), name=name)[1] for n, name in enumerate(names)]
+
+    for path in paths:
+        wait_for(lambda: uploaded(setup, path), what=f"{path}")
+    listing = seaweed.client().list_objects_v2(Bucket=bucket, Prefix="originals/upload/")  # type: ignore[attr-defined]
+    keys = {item["Key"] for item in listing["Contents"]}
+    assert keys == {f"originals/{path}" for path in paths}
+    assert {setup.journal().uploads[path].key for path in paths} == keys
+
+
+def test_second_agent_on_same_state_dir_exits(setup: Setup, agent: AgentProcess) -> None:
+    from .conftest import run_cli
+
+    agent.start()
+    result = run_cli("--config", str(setup.path), "run")
+    assert result.returncode == 1
+    assert "already running on state directory" in result.stderr
+
+
+def test_upload_dir_created_after_start_is_watched(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation, gallery_root: Path) -> None:
+    os.rmdir(gallery_root / "upload")
+    agent.start()
+    _, path = piwigo.add_photo(sample_photo(1))
+    wait_for(lambda: uploaded(setup, path), what="a photo in an upload directory created after the start")
+
+
+def test_large_file_goes_up_in_parts(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation, seaweed: SeaweedFS, bucket: str) -> None:
+    setup.update("uploads", multipart_threshold_mb=5, part_size_mb=5)
+    agent.start()
+    data = sample_photo(1, size=12 * 1024 * 1024)
+    _, path = piwigo.add_photo(data)
+
+    wait_for(lambda: uploaded(setup, path), what="the large photo")
+    head = seaweed.client().head_object(Bucket=bucket, Key=path)  # type: ignore[attr-defined]
+    assert head["ETag"].strip('"').endswith("-3")
+    assert head["Metadata"]["md5"] == hashlib.md5(data).hexdigest()
+    assert object_bytes(seaweed, bucket, path) == data
+
+
+def test_sigterm_leaves_journal_consistent(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation) -> None:
+    agent.start()
+    paths = [piwigo.add_photo(sample_photo(n, size=300_000))[1] for n in range(10)]
+    wait_for(lambda: any(uploaded(setup, path) for path in paths), what="a first upload")
+    assert agent.stop() == 0
+    assert "stopped" in agent.log()
+
+    agent.start()
+    for path in paths:
+        wait_for(lambda: uploaded(setup, path), what=f"{path}")
