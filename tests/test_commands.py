@@ -1,0 +1,94 @@
+"""The check and status commands, and an agent on an SQLite images table."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+from s3watch.demo import PiwigoImitation, sample_photo
+
+from .conftest import TEST_DB_PASSWORD, AgentProcess, Setup, run_cli, wait_for
+
+
+def test_check_passes_on_good_setup(setup: Setup) -> None:
+    result = run_cli("--config", str(setup.path), "check")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "all checks passed" in result.stdout
+    assert TEST_DB_PASSWORD not in result.stdout + result.stderr
+
+
+def test_check_fails_on_wrong_bucket(setup: Setup) -> None:
+    setup.update("s3", bucket="no-such-bucket-s3watch")
+    result = run_cli("--config", str(setup.path), "check")
+    assert result.returncode == 1
+    assert "bucket no-such-bucket-s3watch" in result.stdout
+    assert "FAILED: failed_code_404" in result.stdout
+
+
+def test_check_fails_on_wrong_key(setup: Setup) -> None:
+    setup.update("s3", secret_access_key="not-the-secret")
+    result = run_cli("--config", str(setup.path), "check")
+    assert result.returncode == 1
+    assert "FAILED: failed_code_403" in result.stdout
+    assert "not-the-secret" not in result.stdout + result.stderr
+
+
+def test_check_fails_on_unreachable_database(setup: Setup) -> None:
+    setup.values["piwigo"]["database"]["url"] = f"mysql://s3watch_test:{TEST_DB_PASSWORD}@127.0.0.1:1/piwigo"
+    setup.write()
+    result = run_cli("--config", str(setup.path), "check")
+    assert result.returncode == 1
+    assert "database: FAILED: database server mysql://s3watch_test@127.0.0.1:1/piwigo could not be reached" in result.stdout
+    assert TEST_DB_PASSWORD not in result.stdout + result.stderr
+
+
+def test_check_fails_on_wrong_password_and_table_prefix(setup: Setup) -> None:
+    url = setup.values["piwigo"]["database"]["url"]
+    setup.values["piwigo"]["database"]["url"] = url.replace(TEST_DB_PASSWORD, "wrong-password")
+    setup.write()
+    result = run_cli("--config", str(setup.path), "check")
+    assert "database login refused" in result.stdout
+    assert "wrong-password" not in result.stdout + result.stderr
+
+    setup.values["piwigo"]["database"] = {"url": url, "table_prefix": "pwg_"}
+    setup.write()
+    result = run_cli("--config", str(setup.path), "check")
+    assert result.returncode == 1
+    assert "table pwg_images not found" in result.stdout
+
+
+def test_status_json_fields(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation) -> None:
+    agent.start()
+    image_id, path = piwigo.add_photo(sample_photo(1))
+    wait_for(lambda: setup.upload_status(path) == "uploaded", what="the upload")
+
+    result = run_cli("--config", str(setup.path), "status", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["pending"] == []
+    item = report["uploaded"][0]
+    assert (item["path"], item["image_id"], item["status"], item["key"]) == (path, image_id, "uploaded", path)
+    assert item["url"].endswith(f"/{setup.values['s3']['bucket']}/{path}")
+    assert report["counts"]["uploaded"] == 1
+
+    text = run_cli("--config", str(setup.path), "status")
+    assert path in text.stdout
+    assert item["url"] in text.stdout
+
+
+def test_agent_on_sqlite_images_table(setup: Setup, tmp_path: Path, gallery_root: Path) -> None:
+    database = tmp_path / "piwigo.db"
+    piwigo = PiwigoImitation(gallery_root, lambda: sqlite3.connect(database))
+    piwigo.create_table()
+    setup.values["piwigo"]["database"] = {"url": f"sqlite:///{database}", "table_prefix": "piwigo_"}
+    setup.update("links", mode="presigned", expires=600)
+    agent = AgentProcess(setup.path, tmp_path / "sqlite-agent.log").start()
+    try:
+        _, path = piwigo.add_photo(sample_photo(1))
+        wait_for(lambda: setup.upload_status(path) == "uploaded", what="the upload")
+        url = setup.status()["uploaded"][0]["url"]
+        assert "X-Amz-Signature=" in url
+        assert "X-Amz-Expires=600" in url
+    finally:
+        agent.stop()

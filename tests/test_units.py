@@ -1,0 +1,149 @@
+"""Small units: keys, error codes, the journal file and the matcher's schedule."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import botocore.exceptions
+import pytest
+
+from s3watch.journal import Journal, JournalError, read_journal, repair_journal
+from s3watch.matcher import Matcher
+from s3watch.uploader import classify_error, object_key
+
+
+def test_object_key_from_template() -> None:
+    path = "upload/2026/12/04/20261204193815-f12a555d.jpg"
+    assert object_key("{prefix}{path}", "originals/", path, 7, "abc") == f"originals/{path}"
+    assert object_key("{prefix}{image_id}/{file}", "", path, 7, "abc") == "7/20261204193815-f12a555d.jpg"
+    assert object_key("{md5}.{ext}", "", path, 7, "abc") == "abc.jpg"
+    assert object_key("{prefix}{path}", "", "upload/été à Noël.jpg", 1, None) == "upload/été à Noël.jpg"
+
+
+def test_object_key_rejects_invalid_keys() -> None:
+    with pytest.raises(ValueError, match="over S3's limit of 1024"):
+        object_key("{prefix}{path}", "p" * 1000, "upload/" + "x" * 30, 1, None)
+    with pytest.raises(ValueError, match="control characters"):
+        object_key("{prefix}{path}", "", "upload/a\nb.jpg", 1, None)
+    with pytest.raises(ValueError, match="not UTF-8"):
+        object_key("{prefix}{path}", "", "upload/a\udcff.jpg", 1, None)
+
+
+def client_error(status: int, code: str, operation: str = "PutObject") -> botocore.exceptions.ClientError:
+    return botocore.exceptions.ClientError({"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, operation)
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "transient"),
+    [
+        (client_error(403, "SignatureDoesNotMatch"), "failed_code_403", False),
+        (client_error(403, "InvalidAccessKeyId"), "failed_code_403", False),
+        (client_error(404, "NoSuchBucket"), "failed_code_404", False),
+        (client_error(404, "404", "HeadBucket"), "failed_code_404", False),
+        (client_error(503, "SlowDown"), "failed_code_503", True),
+        (client_error(500, "InternalError"), "failed_code_500", True),
+        (client_error(409, "ConditionalRequestConflict"), "failed_code_409", True),
+        (client_error(400, "BadDigest"), "failed_code_400", True),
+        (client_error(400, "InvalidArgument"), "failed_code_400", False),
+        (botocore.exceptions.EndpointConnectionError(endpoint_url="http://127.0.0.1:1"), "failed_code_0", True),
+        (botocore.exceptions.ConnectTimeoutError(endpoint_url="http://127.0.0.1:1"), "failed_code_0", True),
+        (botocore.exceptions.ReadTimeoutError(endpoint_url="http://127.0.0.1:1"), "failed_code_0", True),
+        (botocore.exceptions.NoCredentialsError(), "failed_code_403", False),
+    ],
+)
+def test_error_codes(error: Exception, code: str, transient: bool) -> None:
+    failure = classify_error(error)
+    assert failure.code == code
+    assert failure.transient is transient
+
+
+def test_journal_replays_state_and_index(tmp_path: Path) -> None:
+    path = tmp_path / "journal.jsonl"
+    journal = Journal(path)
+    journal.append("cursor", image_id=10)
+    journal.append("detected", "upload/a.jpg", source="monitor")
+    journal.append("queued", "upload/a.jpg", image_id=11, row_md5="aa")
+    journal.append("failed", "upload/a.jpg", code="failed_code_0", error="down", attempts=1)
+    journal.append("uploaded", "upload/a.jpg", key="k/a.jpg", md5="aa", bytes=5, attempts=2)
+    journal.append("queued", "upload/b.jpg", image_id=12)
+    journal.close()
+
+    state, _ = read_journal(path)
+    assert state.cursor == 10
+    a = state.uploads["upload/a.jpg"]
+    assert (a.status, a.image_id, a.key, a.attempts, a.source) == ("uploaded", 11, "k/a.jpg", 2, "monitor")
+    assert state.uploads["upload/b.jpg"].status == "pending"
+    assert state.md5_index == {"aa": "k/a.jpg"}
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+
+
+def test_journal_torn_tail_is_cut_before_next_append(tmp_path: Path) -> None:
+    path = tmp_path / "journal.jsonl"
+    journal = Journal(path)
+    journal.append("queued", "upload/a.jpg", image_id=1)
+    journal.close()
+    with open(path, "ab") as handle:
+        handle.write(b'{"event":"uploaded","pa')
+
+    journal = Journal(path)
+    journal.append("queued", "upload/b.jpg", image_id=2)
+    journal.close()
+    lines = path.read_bytes().splitlines()
+    assert all(json.loads(line) for line in lines)
+    assert set(read_journal(path)[0].uploads) == {"upload/a.jpg", "upload/b.jpg"}
+
+
+def test_journal_corrupt_middle_line_names_line(tmp_path: Path) -> None:
+    path = tmp_path / "journal.jsonl"
+    path.write_bytes(b'{"event":"journal","version":1}\n{"event":"queued"\n{"event":"queued","path":"upload/a.jpg"}\n')
+    with pytest.raises(JournalError, match="line 2 is corrupt"):
+        read_journal(path)
+
+    kept, dropped = repair_journal(path)
+    assert (kept, dropped) == (2, 1)
+    assert read_journal(path)[0].uploads["upload/a.jpg"].status == "pending"
+    assert len(list(tmp_path.glob("journal.jsonl.corrupt-*"))) == 1
+
+
+def test_journal_compaction_keeps_every_upload(tmp_path: Path) -> None:
+    path = tmp_path / "journal.jsonl"
+    journal = Journal(path)
+    journal.append("cursor", image_id=99)
+    for number in range(50):
+        name = f"upload/{number}.jpg"
+        journal.append("detected", name, source="monitor")
+        journal.append("queued", name, image_id=number)
+        if number % 2:
+            journal.append("uploaded", name, key=name, md5=f"{number:032x}", bytes=number)
+        else:
+            journal.append("failed", name, code="failed_code_403", error="denied", attempts=3)
+    before = journal.state
+    snapshot = {p: (u.status, u.image_id, u.key, u.code, u.attempts, u.source, u.md5) for p, u in before.uploads.items()}
+    journal.compact()
+    journal.append("queued", "upload/new.jpg", image_id=100)
+    journal.close()
+
+    state, _ = read_journal(path)
+    assert state.cursor == 99
+    after = {p: (u.status, u.image_id, u.key, u.code, u.attempts, u.source, u.md5) for p, u in state.uploads.items() if p != "upload/new.jpg"}
+    assert after == snapshot
+    assert state.uploads["upload/new.jpg"].status == "pending"
+    assert len(path.read_bytes().splitlines()) == 53
+
+
+def test_matcher_backs_off_then_gives_up() -> None:
+    matcher = Matcher(match_timeout=3)
+    matcher.add("a", seen=100.0, now=100.0)
+    assert matcher.due(100.0) == []
+    assert matcher.due(100.06) == ["a"]
+    assert matcher.retry("a", 100.06)
+    assert matcher.next_due() == pytest.approx(100.16)
+    now = 100.16
+    while now - 100.0 < 3:
+        assert matcher.due(now + 1.0) == ["a"]
+        now += 1.0
+        if not matcher.retry("a", now):
+            break
+    assert "a" not in matcher
+    assert matcher.next_due() is None
