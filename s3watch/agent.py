@@ -103,8 +103,6 @@ class Agent:
         self.next_poll = 0.0
         self.next_compaction_check = 0.0
         self.database_down = False
-        self.conditional_writes_checked = False
-        self.probe_lock = threading.Lock()
 
     # Start and stop -----------------------------------------------------------------------
 
@@ -122,6 +120,7 @@ class Agent:
             self.duplicates = DuplicateIndex(self.journal.state.md5_index) if config.uploads.prevent_duplicates else None
             self.worker_count = config.uploads.workers
             self.workers = ThreadPoolExecutor(max_workers=self.worker_count, thread_name_prefix="upload")
+            self.workers.submit(self._check_store)
             self._restore_queue()
             self._start_watcher()
             self._install_signal_handlers()
@@ -428,23 +427,18 @@ class Agent:
     def _upload(self, request: UploadRequest) -> None:
         """Run in a worker: upload and post the outcome to the loop."""
         assert self.uploader is not None
-        if not self.conditional_writes_checked:
-            self._check_conditional_writes()
         outcome = self.uploader.upload(request, self.duplicates)
         self.inbox.put(("result", outcome))
 
-    def _check_conditional_writes(self) -> None:
+    def _check_store(self) -> None:
+        """Run in a worker at start and after a reload: report early whether the bucket can be used."""
         assert self.uploader is not None
-        with self.probe_lock:
-            if self.conditional_writes_checked:
-                return
-            try:
-                supported = self.uploader.probe_conditional_writes()
-            except UploadFailed:
-                return  # the upload that follows fails the same way and is recorded
-            self.conditional_writes_checked = True
-            if not supported:
-                log.warning("conditional_writes_unsupported", hint="this store ignores If-None-Match; checking for an existing object with HEAD before each upload")
+        try:
+            self.uploader.ensure_store_ready()
+        except UploadFailed as failure:
+            log.warning("store_unavailable", bucket=self.config.s3.bucket, code=failure.code, error=failure.message)
+            return
+        log.info("store_ready", bucket=self.config.s3.bucket, conditional_writes=self.uploader.conditional_writes)
 
     def _crashed_worker(self, future: Any, path: str) -> None:
         error = future.exception() if not future.cancelled() else None
@@ -541,7 +535,8 @@ class Agent:
             self.table = ImagesTable(database_settings(config))
         if (config.s3, config.uploads, config.links) != (old.s3, old.uploads, old.links):
             self.uploader = Uploader(config.s3, config.uploads, config.links, config.piwigo.root, stop=self.abort_event)
-            self.conditional_writes_checked = False
+            assert self.workers is not None
+            self.workers.submit(self._check_store)
         if config.monitor.enabled and self.watcher is None:
             self._start_watcher_if_upload_dir_appeared()
         elif not config.monitor.enabled and self.watcher is not None:

@@ -63,12 +63,13 @@ def free_ports(count: int, taken: set[int] | None = None) -> list[int]:
 class SeaweedFS:
     """One `weed mini` process on loopback with its own data folder, ports and credentials.
 
-    Buckets are not created on upload (`-s3.autoCreateBucket=false`), so a wrong bucket gets 404
-    as it would on AWS.
+    Unless `auto_create_buckets` is set, buckets are not created on upload
+    (`-s3.autoCreateBucket=false`), so a wrong bucket gets 404 as it would on AWS.
     """
 
-    def __init__(self, directory: Path, access_key: str = "s3watch-demo", secret_key: str = "s3watch-demo-secret") -> None:
+    def __init__(self, directory: Path, access_key: str = "s3watch-demo", secret_key: str = "s3watch-demo-secret", auto_create_buckets: bool = False) -> None:
         self.directory = directory
+        self.auto_create_buckets = auto_create_buckets
         self.access_key = access_key
         self.secret_key = secret_key
         self.ports = dict(zip(SERVICES, free_ports(len(SERVICES))))
@@ -92,7 +93,7 @@ class SeaweedFS:
             weed_binary(), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
             f"-master.port={self.ports['master']}", f"-volume.port={self.ports['volume']}", f"-filer.port={self.ports['filer']}",
             f"-s3.port={self.ports['s3']}", f"-admin.port={self.ports['admin']}", f"-s3.config={config}",
-            "-s3.autoCreateBucket=false", "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            f"-s3.autoCreateBucket={'true' if self.auto_create_buckets else 'false'}", "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
             f"-filer.localSocket={self.directory / 'filer.sock'}", f"-s3.localSocket={self.directory / 's3.sock'}",
         ]
         self.log_path = self.directory / "weed.log"

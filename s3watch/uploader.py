@@ -248,6 +248,8 @@ class Uploader:
         self.client = make_client(s3, uploads.workers)
         self.conditional_writes = s3.conditional_writes != "never"
         self._stop = stop or threading.Event()
+        self._store_checked = False
+        self._store_lock = threading.Lock()
 
     # Checks -------------------------------------------------------------------------------
 
@@ -286,6 +288,23 @@ class Uploader:
                 raise classify_error(error) from None
         self.conditional_writes = False
         return False
+
+    def ensure_store_ready(self) -> None:
+        """Check the bucket and the store's conditional writes once, before the first upload.
+
+        The bucket check keeps a store that creates buckets on first write (SeaweedFS, some
+        MinIO setups) from creating a mistyped bucket. After a failure that concerns the whole
+        store the check runs again. Raises UploadFailed.
+        """
+        with self._store_lock:
+            if self._store_checked:
+                return
+            self.check_bucket()
+            supported = self.probe_conditional_writes()
+            if not supported:
+                log.warning("conditional_writes_unsupported", bucket=self.s3.bucket,
+                            hint="this store ignores If-None-Match; checking for an existing object with HEAD before each upload")
+            self._store_checked = True
 
     # Uploading ----------------------------------------------------------------------------
 
@@ -326,6 +345,15 @@ class Uploader:
         return Outcome(**{**outcome.__dict__, "attempts": attempts, "ms": _ms_since(started)})
 
     def _attempt(self, request: UploadRequest, duplicates: DuplicateIndex | None) -> Outcome:
+        try:
+            self.ensure_store_ready()
+            return self._attempt_upload(request, duplicates)
+        except UploadFailed as failure:
+            if failure.status in (0, 403, 404) or failure.status >= 500:
+                self._store_checked = False
+            raise
+
+    def _attempt_upload(self, request: UploadRequest, duplicates: DuplicateIndex | None) -> Outcome:
         handle, _size = open_original(self.root, request.path)
         with handle:
             md5, size = _file_md5(handle)

@@ -159,12 +159,21 @@ def test_bad_credentials_fail_403_then_upload_after_reload(setup: Setup, agent: 
     assert "wrong-secret" not in agent.log()
 
 
-def test_wrong_bucket_fails_404(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation) -> None:
-    setup.update("s3", bucket="no-such-bucket-s3watch")
-    agent.start()
-    _, path = piwigo.add_photo(sample_photo(1))
+def test_wrong_bucket_fails_404_even_where_writes_create_buckets(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation, tmp_path: Path) -> None:
+    # This store creates a missing bucket on the first write, as SeaweedFS does by default.
+    store = SeaweedFS(tmp_path / "store", access_key="test-access", secret_key="test-secret-Kp3mN9", auto_create_buckets=True)
+    store.start()
+    try:
+        setup.update("s3", bucket="no-such-bucket-s3watch", endpoint_url=store.endpoint_url)
+        agent.start()
+        _, path = piwigo.add_photo(sample_photo(1))
 
-    wait_for(lambda: any(item["path"] == path and item["status"] == "failed_code_404" for item in setup.status()["pending"]), what="failed_code_404")
+        wait_for(lambda: any(item["path"] == path and item["status"] == "failed_code_404" for item in setup.status()["pending"]), what="failed_code_404")
+        assert store.client().list_buckets()["Buckets"] == []  # type: ignore[attr-defined]
+        assert "store_unavailable" in agent.log()
+    finally:
+        agent.stop()
+        store.stop()
 
 
 def test_unreachable_endpoint_fails_0_and_recovers(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation, tmp_path: Path) -> None:
