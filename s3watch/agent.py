@@ -32,9 +32,9 @@ from .watcher import UploadWatcher, WatchError
 
 log = structlog.get_logger("s3watch.agent")
 
-# Failures that come from the store or its settings rather than from one photo: after one of
-# these, uploads pause and a single probe upload is tried with a growing delay, so an outage
-# or a wrong key does not turn into a storm of failing requests.
+# Failures that come from the store or its settings rather than from one photo. After one of
+# these, uploads pause and a single probe upload is tried with a growing delay. An outage or a
+# wrong key then costs a few requests, not a storm of failing ones.
 STORE_WIDE_STATUSES = frozenset({0, 301, 403, 404, 429})
 FIRST_PROBE_DELAY = 5.0  # seconds
 POLL_BATCH = 1000  # rows read per table poll
@@ -43,7 +43,7 @@ COMPACT_CHECK_INTERVAL = 60.0
 
 
 class AgentError(Exception):
-    """The agent cannot start; the message says why and what to do."""
+    """The agent cannot start; the message gives the reason and the fix."""
 
 
 def acquire_lock(state_dir: Path) -> int:
@@ -144,8 +144,8 @@ class Agent:
     def _start_database(self) -> None:
         """Connect to the images table and set the poll cursor on a first start.
 
-        An unreachable server is waited for (it may start after us at boot); a refused login or
-        a missing table is a configuration error and raises DatabaseError.
+        An unreachable server is waited for, because it may start after the agent at boot. A
+        refused login or a missing table is a configuration error and raises DatabaseError.
         """
         assert self.journal is not None
         self.table = ImagesTable(database_settings(self.config))
@@ -296,7 +296,11 @@ class Agent:
     # Event -> match -----------------------------------------------------------------------
 
     def _on_file(self, absolute: str) -> None:
-        """A file appeared under the upload directory: wait for its images row, unless it is known or not an original."""
+        """Record a new file under the upload directory and wait for its images row.
+
+        Files already in the journal, files that are not originals, and every file while
+        monitoring is off are ignored.
+        """
         assert self.journal is not None
         path = gallery_path(self.config.piwigo.root, absolute)
         if path is None or not is_original(path, self.config.piwigo.upload_dir):

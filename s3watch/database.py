@@ -13,7 +13,7 @@ from .piwigo import DatabaseSettings, row_path
 
 
 class DatabaseError(Exception):
-    """The database could not be reached or queried; the message says which and what to do."""
+    """The database could not be reached or queried; the message names the failure and the fix."""
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,7 @@ def _image(row: tuple[Any, ...]) -> ImageRow:
 
 
 def _explain_mysql_error(error: Exception, settings: DatabaseSettings) -> str:
-    """Turn a PyMySQL error into one line that says what failed and what to check."""
+    """Turn a PyMySQL error into one line naming what failed and what to check."""
     code = error.args[0] if error.args and isinstance(error.args[0], int) else None
     where = settings.describe()
     if code == 1045:

@@ -1,4 +1,4 @@
-"""What s3watch knows of a Piwigo gallery: its database settings, its paths and which files are originals."""
+"""Piwigo's gallery layout: its database settings, its paths and which files are originals."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from .config import Config, ConfigError
 # Piwigo writes its database settings here at install time.
 DATABASE_INC = Path("local/config/database.inc.php")
 
-# Where Debian, Fedora and upstream MariaDB put the server's socket; PHP's mysqli uses it for
-# db_host 'localhost', and so do we, because 'piwigo'@'localhost' may not match a TCP login.
+# Socket paths of MariaDB on Debian, Fedora and upstream builds. PHP's mysqli connects to the
+# socket for db_host 'localhost', and so does s3watch, because 'piwigo'@'localhost' may not match a TCP login.
 DEFAULT_SOCKETS = ("/run/mysqld/mysqld.sock", "/var/run/mysqld/mysqld.sock", "/var/lib/mysql/mysql.sock", "/tmp/mysql.sock")
 
 # Folders under the upload directory that never hold an original: Piwigo's chunk buffer, and

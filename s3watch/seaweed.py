@@ -81,7 +81,7 @@ class SeaweedFS:
         return f"http://127.0.0.1:{self.ports['s3']}"
 
     def start(self, timeout: float = 60.0) -> None:
-        """Start the server and wait until its S3 API answers. Raises SeaweedError."""
+        """Start the server and wait until its S3 API responds. Raises SeaweedError."""
         data = self.directory / "data"
         data.mkdir(parents=True, exist_ok=True)
         identities = {"identities": [{"name": "admin", "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
@@ -110,7 +110,7 @@ class SeaweedFS:
             except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError):
                 time.sleep(0.2)
         self.stop()
-        raise SeaweedError(f"SeaweedFS did not answer within {timeout:g} s; see {self.log_path}")
+        raise SeaweedError(f"SeaweedFS did not respond within {timeout:g} s; see {self.log_path}")
 
     def client(self) -> object:
         """Return a boto3 S3 client with this server's credentials."""

@@ -28,7 +28,7 @@ log = structlog.get_logger("s3watch.uploader")
 MAX_KEY_BYTES = 1024
 READ_SIZE = 1024 * 1024
 
-# Error codes (S3's `Code` element) that say the store is busy or the request may succeed if sent again.
+# Error codes (S3's `Code` element) that mean the store is busy or the request may succeed if sent again.
 TRANSIENT_CODES = frozenset(
     {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "Throttling", "ThrottlingException",
      "RequestTimeTooSkewed", "BadDigest", "ConditionalRequestConflict", "OperationAborted", "XAmzContentSHA256Mismatch"}
@@ -57,7 +57,7 @@ class FileGone(Exception):
 
 @dataclass(frozen=True)
 class UploadRequest:
-    """What a worker needs to upload one photo."""
+    """One photo to upload: its gallery path, image id, object key and the row's md5sum."""
 
     path: str  # relative to the gallery root
     image_id: int | None
@@ -67,7 +67,7 @@ class UploadRequest:
 
 @dataclass(frozen=True)
 class Outcome:
-    """How one upload ended: an event name for the journal and its fields."""
+    """The end of one upload: an event name for the journal and its fields."""
 
     path: str
     event: str  # uploaded, already_present, duplicate, failed, gone
@@ -261,7 +261,7 @@ class Uploader:
             raise classify_error(error) from None
 
     def probe_conditional_writes(self) -> bool:
-        """Find out whether the store honours `If-None-Match: *`, and remember the answer.
+        """Test whether the store honours `If-None-Match: *`, and remember the result.
 
         Writes the small object `<prefix>.s3watch/conditional-write-probe` (once; later probes find
         it there) and writes it again with the condition: a store that accepts the second write
