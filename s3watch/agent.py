@@ -25,8 +25,10 @@ import structlog
 from .config import Config, ConfigError, load_config
 from .database import DatabaseError, ImageRow, ImagesTable
 from .journal import Journal, JournalError
+from .batch import Gallery, Verdict, resolve_entries
 from .matcher import Matcher
 from .piwigo import database_settings, gallery_path, is_original
+from .spool import Entry, SpoolError, check_list, find_lists, iter_entries, move_done, move_failed
 from .uploader import DuplicateIndex, Outcome, Uploader, UploadFailed, UploadRequest, object_key
 from .watcher import UploadWatcher, WatchError
 
@@ -38,6 +40,7 @@ log = structlog.get_logger("s3watch.agent")
 STORE_WIDE_STATUSES = frozenset({0, 301, 403, 404, 429})
 FIRST_PROBE_DELAY = 5.0  # seconds
 POLL_BATCH = 1000  # rows read per table poll
+LIST_CHUNK = 500  # list entries resolved per loop turn, so a long list never stalls monitoring
 STOP_DEADLINE = 20.0  # seconds uploads in flight get to finish on SIGTERM; below systemd's default 90 s stop timeout
 COMPACT_CHECK_INTERVAL = 60.0
 
@@ -95,6 +98,11 @@ class Agent:
         self.worker_count = config.uploads.workers
 
         self.ready: deque[str] = deque()  # pending uploads to dispatch now, oldest first
+        self.ready_batch: deque[str] = deque()  # the same for lists and tags; dispatched after `ready`
+        self.current_list: ListRun | None = None
+        self.next_spool_check = 0.0
+        self.next_list_turn = 0.0  # a list whose database look-up failed waits until then
+        self.next_tag_poll = 0.0
         self.retry_at: dict[str, float] = {}  # pending uploads that failed, with when to try again
         self.in_flight: set[str] = set()
         self.blocked_code: str | None = None  # set while a store-wide failure pauses uploads
@@ -121,13 +129,14 @@ class Agent:
             self.worker_count = config.uploads.workers
             self.workers = ThreadPoolExecutor(max_workers=self.worker_count, thread_name_prefix="upload")
             self.workers.submit(self._check_store)
+            self._create_spool_dir()
             self._restore_queue()
             self._start_watcher()
             self._install_signal_handlers()
             log.info(
                 "started", bucket=config.s3.bucket, endpoint=config.s3.endpoint_url or "aws", prefix=config.s3.prefix or None,
                 gallery=str(config.piwigo.root), monitor=config.monitor.enabled, workers=config.uploads.workers,
-                pending=len(self.ready) + len(self.retry_at), waiting_for_row=len(self.matcher), journal=str(self.journal.path),
+                pending=len(self.ready) + len(self.ready_batch) + len(self.retry_at), waiting_for_row=len(self.matcher), journal=str(self.journal.path),
             )
             self._loop()
             self._shutdown()
@@ -168,9 +177,16 @@ class Agent:
         pending = sorted((u for u in self.journal.state.uploads.values() if u.status in ("pending", "detected")), key=lambda u: u.ts)
         for upload in pending:
             if upload.status == "pending":
-                self.ready.append(upload.path)
+                self._line_for(upload.source).append(upload.path)
             else:
                 self.matcher.add(upload.path, _epoch(upload.detected_ts or upload.ts), now)
+
+    def _create_spool_dir(self) -> None:
+        try:
+            self.config.spool_dir.mkdir(mode=0o770, parents=True, exist_ok=True)
+        except OSError as error:
+            log.warning("spool_unavailable", spool_dir=str(self.config.spool_dir), error=error.strerror,
+                        hint="create it and make it writable by this user to use batch mode")
 
     def _start_watcher(self) -> None:
         if not self.config.monitor.enabled or self.watcher is not None:
@@ -242,21 +258,28 @@ class Agent:
             self._match_due(now)
             if now >= self.next_poll:
                 self._poll_table(now)
+            if self.config.batch.tag and now >= self.next_tag_poll:
+                self._poll_tag(now)
             self._release_retries(now)
             self._commit()
             self._dispatch(now)
+            self._process_spool(now)
             if now >= self.next_compaction_check:
                 self._compact_if_needed(now)
 
     def _seconds_to_next_deadline(self) -> float:
         now = time.time()
-        deadlines = [self.next_poll, self.next_compaction_check]
+        deadlines = [self.next_poll, self.next_compaction_check, self.next_spool_check]
+        if self.current_list is not None:
+            deadlines.append(self.next_list_turn)
+        if self.config.batch.tag:
+            deadlines.append(self.next_tag_poll)
         match = self.matcher.next_due()
         if match is not None:
             deadlines.append(match)
         if self.retry_at:
             deadlines.append(min(self.retry_at.values()))
-        if self.blocked_code and self.ready:
+        if self.blocked_code and (self.ready or self.ready_batch):
             deadlines.append(self.probe_at)
         return max(0.0, min(min(deadlines) - now, 5.0))
 
@@ -395,11 +418,114 @@ class Agent:
         assert self.journal is not None
         upload = self.journal.state.uploads.get(path)
         source = source or (upload.source if upload else None) or "monitor"
+        self.matcher.discard(path)
         self.journal.append("queued", path, image_id=row.id, row_md5=row.md5sum, source=source)
-        self.ready.append(path)
+        self._line_for(source).append(path)
         log.info("queued", path=path, image_id=row.id, source=source)
         if self.blocked_code is not None:
             self._mark_waiting(path, self.blocked_code)
+
+    def _line_for(self, source: str | None) -> deque[str]:
+        """Return the queue an upload waits in: photos from lists and tags wait behind new ones."""
+        return self.ready_batch if source in ("batch", "tag") else self.ready
+
+    # Batch mode: lists and tags -----------------------------------------------------------
+
+    def _process_spool(self, now: float) -> None:
+        """Take the next list from the spool directory, or resolve the next chunk of the current one."""
+        if self.current_list is not None and now < self.next_list_turn:
+            return
+        if self.current_list is None:
+            if now < self.next_spool_check:
+                return
+            self.next_spool_check = now + self.config.monitor.poll_interval
+            self._open_next_list()
+            if self.current_list is None:
+                return
+        self._resolve_chunk(self.current_list)
+
+    def _open_next_list(self) -> None:
+        spool_dir = self.config.spool_dir
+        try:
+            lists = find_lists(spool_dir)
+        except SpoolError as error:
+            log.error("spool_unreadable", error=str(error))
+            return
+        for path in lists:
+            try:
+                check_list(path)
+            except SpoolError as error:
+                self._reject_list(path, str(error))
+                continue
+            try:
+                self.current_list = ListRun(path)
+            except OSError as error:
+                log.error("list_failed", list=str(path), error=error.strerror)
+                continue
+            log.info("list_started", list=path.name)
+            return
+
+    def _reject_list(self, path: Path, reason: str) -> None:
+        try:
+            moved = move_failed(path, reason)
+        except OSError as error:
+            log.error("list_failed", list=str(path), error=f"{reason}; moving it to failed/ failed too: {error.strerror}")
+            return
+        log.warning("list_rejected", list=path.name, reason=reason, moved_to=str(moved))
+
+    def _resolve_chunk(self, run: ListRun) -> None:
+        """Resolve up to LIST_CHUNK entries of a list, queue what can be queued and report every entry."""
+        assert self.journal is not None and self.table is not None
+        entries = run.next_entries(LIST_CHUNK)
+        if entries:
+            try:
+                verdicts = resolve_entries(entries, run.gallery_for(self.config), self.table, self.journal.state)
+                self._database_back()
+            except DatabaseError as error:
+                self._database_unavailable(error)
+                run.rewind(entries)
+                self.next_list_turn = time.time() + self.config.monitor.poll_interval
+                return
+            for verdict in verdicts:
+                if verdict.outcome == "queued" and verdict.row is not None:
+                    self._queue(verdict.row.path, verdict.row, source="batch")
+                run.report(verdict)
+        if run.finished:
+            # The queued records must be durable before the list leaves the spool.
+            self._commit()
+            try:
+                moved = run.finish()
+            except OSError as error:
+                log.error("list_failed", list=run.path.name, error=error.strerror)
+                self.current_list = None
+                return
+            log.info("list_processed", list=run.path.name, moved_to=str(moved), **run.counts)
+            self.current_list = None
+
+    def _poll_tag(self, now: float) -> None:
+        """Queue every photo that carries the configured tag and is not known to the journal yet."""
+        assert self.journal is not None and self.table is not None
+        self.next_tag_poll = now + self.config.batch.tag_poll_interval
+        tag = self.config.batch.tag
+        assert tag is not None
+        try:
+            rows = self.table.tagged_rows(tag)
+            self._database_back()
+        except DatabaseError as error:
+            self._database_unavailable(error)
+            return
+        gallery = Gallery(self.config.piwigo.root, self.config.piwigo.upload_dir)
+        for row in rows:
+            upload = self.journal.state.uploads.get(row.path)
+            if upload is not None and upload.status not in ("detected", "unmatched"):
+                continue
+            problem = gallery.check_file(row.path)
+            if problem is not None:
+                if upload is None:
+                    self.journal.append("gone", row.path, image_id=row.id, source="tag", error=f"tagged {tag!r} but {problem}")
+                    log.warning("tagged_photo_rejected", path=row.path, image_id=row.id, reason=problem)
+                continue
+            self._queue(row.path, row, source="tag")
 
     # Journal -> upload --------------------------------------------------------------------
 
@@ -411,8 +537,8 @@ class Agent:
             if self.in_flight or now < self.probe_at:
                 return
             free = 1
-        while free > 0 and self.ready:
-            path = self.ready.popleft()
+        while free > 0 and (self.ready or self.ready_batch):
+            path = self.ready.popleft() if self.ready else self.ready_batch.popleft()
             upload = self.journal.state.uploads.get(path)
             if upload is None or upload.status != "pending" or path in self.in_flight:
                 continue
@@ -465,7 +591,7 @@ class Agent:
             status = int(str(outcome.code).rsplit("_", 1)[-1])
             if status in STORE_WIDE_STATUSES or status >= 500:
                 self._block(outcome.code or "failed_code_0", now)
-                self.ready.appendleft(outcome.path)
+                self._line_for(upload.source if upload else None).appendleft(outcome.path)
             else:
                 self.retry_at[outcome.path] = now + self.config.uploads.retry_interval
             return
@@ -493,7 +619,7 @@ class Agent:
         else:
             self.probe_delay = min(self.probe_delay * 2, self.config.uploads.retry_interval)
         if code != self.blocked_code:
-            for path in self.ready:
+            for path in [*self.ready, *self.ready_batch]:
                 self._mark_waiting(path, code)
         self.blocked_code = code
         self.probe_at = now + self.probe_delay
@@ -515,7 +641,8 @@ class Agent:
         due = [path for path, at in self.retry_at.items() if at <= now]
         for path in due:
             del self.retry_at[path]
-            self.ready.append(path)
+            upload = self.journal.state.uploads.get(path) if self.journal else None
+            self._line_for(upload.source if upload else None).append(path)
 
     # Reload and maintenance ---------------------------------------------------------------
 
@@ -550,13 +677,12 @@ class Agent:
             log.warning("reload_partial", hint="uploads.workers changes take effect at the next restart")
 
         # A setting may have been the cause of every failure: try them all again now.
-        for path in list(self.retry_at):
-            self.ready.append(path)
-        self.retry_at.clear()
+        self._release_retries(float("inf"))
         self.blocked_code = None
         self.probe_delay = FIRST_PROBE_DELAY
         self.next_poll = 0.0
-        log.info("reloaded", bucket=config.s3.bucket, endpoint=config.s3.endpoint_url or "aws", monitor=config.monitor.enabled, pending=len(self.ready))
+        self.next_tag_poll = 0.0
+        log.info("reloaded", bucket=config.s3.bucket, endpoint=config.s3.endpoint_url or "aws", monitor=config.monitor.enabled, pending=len(self.ready) + len(self.ready_batch))
 
     def _compact_if_needed(self, now: float) -> None:
         assert self.journal is not None
@@ -570,3 +696,58 @@ class Agent:
             log.error("journal_compaction_failed", error=str(error))
             return
         log.info("journal_compacted", records_before=before, records_after=self.journal.state.records)
+
+
+class ListRun:
+    """A list being processed: its entries read a chunk at a time, and its report written as it goes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.report_path = path.with_name(f".{path.name}.report.partial")
+        fd = os.open(self.report_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        self._report = os.fdopen(fd, "w", encoding="utf-8")
+        self._report.write(f"# s3watch report for {path.name}\n")
+        self._entries = iter_entries(path)
+        self._pushed_back: list[Entry] = []
+        self.finished = False
+        self.counts = {"queued": 0, "already_uploaded": 0, "already_queued": 0, "rejected": 0}
+
+    def gallery_for(self, config: Config) -> Gallery:
+        """Return the gallery the entries are resolved against."""
+        return Gallery(config.piwigo.root, config.piwigo.upload_dir)
+
+    def next_entries(self, count: int) -> list[Entry]:
+        """Return up to `count` further entries; sets `finished` when the list is exhausted."""
+        entries = self._pushed_back[:count]
+        self._pushed_back = self._pushed_back[count:]
+        while len(entries) < count:
+            entry = next(self._entries, None)
+            if entry is None:
+                self.finished = not self._pushed_back
+                break
+            entries.append(entry)
+        return entries
+
+    def rewind(self, entries: list[Entry]) -> None:
+        """Put entries back, to be taken again (after a database failure)."""
+        self._pushed_back = entries + self._pushed_back
+        self.finished = False
+
+    def report(self, verdict: Verdict) -> None:
+        """Add an entry's outcome to the report."""
+        self._report.write(verdict.report_line() + "\n")
+        self.counts[verdict.outcome.replace(" ", "_")] += 1
+
+    def finish(self) -> Path:
+        """Complete the report and move the list and its report to done/. Returns the list's new path."""
+        counts = ", ".join(f"{count} {name.replace('_', ' ')}" for name, count in self.counts.items())
+        self._report.write(f"# {counts}\n")
+        self._report.flush()
+        os.fsync(self._report.fileno())
+        self._report.close()
+        return move_done(self.path, self.report_path)
+
+    def close(self) -> None:
+        """Drop an unfinished run; the list stays in the spool and is processed again from the start."""
+        self._report.close()
+        self.report_path.unlink(missing_ok=True)

@@ -27,6 +27,21 @@ def _parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="show pending and failed uploads and the most recent uploads with their links")
     status.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
+    enqueue = commands.add_parser("enqueue", help="queue photos by path or id:N (writes a list into the spool directory)")
+    enqueue.add_argument("entries", nargs="*", metavar="ENTRY", help="a photo's path as Piwigo stores it, an absolute path inside the gallery, or id:1234")
+    enqueue.add_argument("--from", dest="from_file", metavar="FILE", help="read entries from FILE, one a line ('-' for standard input)")
+
+    backfill = commands.add_parser("backfill", help="queue photos already in the gallery, selected from the images table")
+    backfill.add_argument("--all", action="store_true", help="every photo")
+    backfill.add_argument("--since", metavar="DATE", help="photos added on or after DATE (YYYY-MM-DD or YYYY-MM-DD HH:MM:SS)")
+    backfill.add_argument("--album", type=int, metavar="ID", help="photos in the album with this id")
+    backfill.add_argument("--recursive", action="store_true", help="with --album: its sub-albums too")
+    backfill.add_argument("--ids", metavar="FIRST-LAST", help="photos with an image id in this range, for example 100-250")
+    backfill.add_argument("--dry-run", action="store_true", help="print the count and the first entries instead of queueing")
+
+    url = commands.add_parser("url", help="print the download link of an uploaded photo, or why it is not uploaded")
+    url.add_argument("entry", metavar="ENTRY", help="a photo's path as Piwigo stores it, an absolute path inside the gallery, or id:1234")
+
     journal = commands.add_parser("journal", help="journal maintenance")
     journal_commands = journal.add_subparsers(dest="journal_command", metavar="ACTION")
     journal_commands.required = True
@@ -65,6 +80,18 @@ def main(argv: list[str] | None = None) -> int:
             return _status(config, arguments.json)
         if arguments.command == "journal":
             return _repair(config)
+        if arguments.command == "enqueue":
+            from .commands import enqueue
+
+            return enqueue(config, arguments.entries, arguments.from_file)
+        if arguments.command == "backfill":
+            from .commands import backfill
+
+            return backfill(config, arguments)
+        if arguments.command == "url":
+            from .commands import url
+
+            return url(config, arguments.entry)
     except ConfigError as error:
         _error(str(error))
         return EXIT_CONFIG

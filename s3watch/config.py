@@ -93,6 +93,14 @@ class LinksConfig:
 
 
 @dataclass(frozen=True)
+class BatchConfig:
+    """The `batch` section: queueing photos from Piwigo's Batch Manager through a tag."""
+
+    tag: str | None
+    tag_poll_interval: float
+
+
+@dataclass(frozen=True)
 class LogConfig:
     """The `log` section: format and level of the agent's log lines."""
 
@@ -109,8 +117,10 @@ class Config:
     s3: S3Config
     uploads: UploadsConfig
     links: LinksConfig
+    batch: BatchConfig
     log: LogConfig
     state_dir: Path
+    spool_dir: Path
     source: Path
 
     @property
@@ -272,11 +282,16 @@ SCHEMA: dict[str, Any] = {
         "base_url": (_endpoint_url, None),
         "expires": (_integer(1, 7 * 86400), 7 * 86400),
     },
+    "batch": {
+        "tag": (_optional_string, None),
+        "tag_poll_interval": (_seconds(1, 86400), 60.0),
+    },
     "log": {
         "format": (_choice("console", "json"), "console"),
         "level": (_choice("debug", "info", "warning", "error"), "info"),
     },
     "state_dir": (_nonempty_string, "/var/lib/s3watch"),
+    "spool_dir": (_nonempty_string, "/var/spool/s3watch"),
 }
 
 
@@ -370,8 +385,10 @@ def parse_config(text: str, source: Path) -> Config:
             retry_interval=uploads["retry_interval"],
         ),
         links=LinksConfig(**values["links"]),
+        batch=BatchConfig(**values["batch"]),
         log=LogConfig(**values["log"]),
         state_dir=Path(values["state_dir"]),
+        spool_dir=Path(values["spool_dir"]),
         source=source,
     )
 
@@ -415,5 +432,7 @@ def check_folders(config: Config) -> None:
     upload = config.piwigo.upload_path
     if upload.exists() and not os.access(upload, os.R_OK | os.X_OK):
         raise ConfigError(f"{config.source}: upload directory {upload} is not readable by this user: add the user to the web server's group")
-    if not config.state_dir.is_absolute():
-        raise ConfigError(f"{config.source}: state_dir must be an absolute path, got {str(config.state_dir)!r}")
+    for name in ("state_dir", "spool_dir"):
+        folder = getattr(config, name)
+        if not folder.is_absolute():
+            raise ConfigError(f"{config.source}: {name} must be an absolute path, got {str(folder)!r}")

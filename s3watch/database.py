@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import sqlite3
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import pymysql
 
@@ -37,6 +37,7 @@ class ImagesTable:
         prefix = settings.table_prefix
         if not re.fullmatch(r"\w*", prefix):
             raise DatabaseError(f"table prefix {prefix!r} is invalid: use letters, digits and '_' only")
+        self.prefix = prefix
         self.table = f"{prefix}images"
         self._connection: Any = None
 
@@ -122,6 +123,56 @@ class ImagesTable:
         """Return up to `limit` rows with an id above `image_id`, lowest first. Raises DatabaseError."""
         rows = self._query(f"SELECT id, path, md5sum FROM {self.table} WHERE id > {self._mark} ORDER BY id LIMIT {int(limit)}", (image_id,))
         return [_image(row) for row in rows]
+
+    def iter_rows(self, since: str | None = None, id_range: tuple[int, int] | None = None,
+                  album_ids: list[int] | None = None, page: int = 5000) -> Iterator[ImageRow]:
+        """Yield the rows matching every given selector, lowest id first, reading `page` rows at a time.
+
+        `since` is a date or datetime compared with date_available; `album_ids` selects photos
+        linked to any of those albums (Piwigo's image_category table). Raises DatabaseError.
+        """
+        conditions: list[str] = []
+        params: list[Any] = []
+        if since is not None:
+            conditions.append(f"date_available >= {self._mark}")
+            params.append(since)
+        if id_range is not None:
+            conditions.append(f"id BETWEEN {self._mark} AND {self._mark}")
+            params.extend(id_range)
+        if album_ids is not None:
+            if not album_ids:
+                return
+            marks = ", ".join([self._mark] * len(album_ids))
+            conditions.append(f"id IN (SELECT image_id FROM {self.prefix}image_category WHERE category_id IN ({marks}))")
+            params.extend(album_ids)
+
+        last = 0
+        while True:
+            where = " AND ".join([f"id > {self._mark}", *conditions])
+            rows = self._query(f"SELECT id, path, md5sum FROM {self.table} WHERE {where} ORDER BY id LIMIT {int(page)}", [last, *params])
+            for row in rows:
+                yield _image(row)
+            if len(rows) < page:
+                return
+            last = int(rows[-1][0])
+
+    def album_tree(self) -> dict[int, int | None]:
+        """Return every album's parent album id (None at the top), from Piwigo's categories table. Raises DatabaseError."""
+        rows = self._query(f"SELECT id, id_uppercat FROM {self.prefix}categories", ())
+        return {int(row[0]): int(row[1]) if row[1] is not None else None for row in rows}
+
+    def tagged_rows(self, tag: str) -> list[ImageRow]:
+        """Return the rows of photos carrying a tag, matched by its name or URL name (tags and image_tag tables).
+
+        Raises DatabaseError.
+        """
+        sql = (
+            f"SELECT i.id, i.path, i.md5sum FROM {self.table} i "
+            f"JOIN {self.prefix}image_tag it ON it.image_id = i.id "
+            f"JOIN {self.prefix}tags t ON t.id = it.tag_id "
+            f"WHERE t.name = {self._mark} OR t.url_name = {self._mark} ORDER BY i.id"
+        )
+        return [_image(row) for row in self._query(sql, (tag, tag))]
 
     def max_id(self) -> int:
         """Return the highest image id, or 0 for an empty table. Raises DatabaseError."""

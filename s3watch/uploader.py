@@ -9,7 +9,6 @@ import os
 import stat
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO

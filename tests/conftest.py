@@ -146,6 +146,10 @@ class Setup:
     def state_dir(self) -> Path:
         return Path(self.values["state_dir"])
 
+    @property
+    def spool_dir(self) -> Path:
+        return Path(self.values["spool_dir"])
+
     def journal(self) -> Any:
         return read_journal(self.state_dir / "journal.jsonl")[0]
 
@@ -175,6 +179,7 @@ def setup(tmp_path: Path, gallery_root: Path, database: str, seaweed: SeaweedFS,
         "s3": {"bucket": bucket, "endpoint_url": seaweed.endpoint_url, "access_key_id": seaweed.access_key, "secret_access_key": seaweed.secret_key},
         "uploads": {"workers": 4, "attempts": 2, "retry_interval": 1},
         "state_dir": str(tmp_path / "state"),
+        "spool_dir": str(tmp_path / "spool"),
     }
     return Setup(tmp_path, values)
 

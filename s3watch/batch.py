@@ -1,0 +1,154 @@
+"""Batch mode: resolving list entries (paths and image ids) to photos of the gallery, safely.
+
+Only a regular file inside the gallery is ever accepted: an entry is resolved through '..'
+and symbolic links first, and one that lands outside the gallery root (or the upload
+directory's real location, when that is a link to another disk) is rejected.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from .database import ImageRow, ImagesTable
+from .journal import JournalState
+from .piwigo import row_path
+from .spool import Entry
+
+ALREADY_UPLOADED = frozenset({"uploaded", "already_present", "duplicate"})
+ALREADY_QUEUED = frozenset({"pending"})
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What became of one list entry: queued, already uploaded, already queued, or rejected with a reason."""
+
+    entry: Entry
+    outcome: str  # "queued", "already uploaded", "already queued" or "rejected"
+    reason: str | None = None
+    row: ImageRow | None = None
+
+    def report_line(self) -> str:
+        """Return the entry's line for the list's report."""
+        result = f"rejected: {self.reason}" if self.outcome == "rejected" else self.outcome
+        if self.row is not None and self.outcome != "rejected":
+            result += f" (image {self.row.id}, {self.row.path})"
+        return f"line {self.entry.line}: {self.entry.text}\t{result}"
+
+
+class Gallery:
+    """The gallery's folders as s3watch may read them."""
+
+    def __init__(self, root: Path, upload_dir: str) -> None:
+        self.root = Path(os.path.abspath(root))
+        self.allowed = {os.path.realpath(self.root), os.path.realpath(self.root / upload_dir)}
+
+    def relative_path(self, text: str) -> str | None:
+        """Turn an entry's path (absolute, or relative to the root with or without './') into a
+        gallery path without resolving links. Returns None when it points outside the root."""
+        candidate = text if os.path.isabs(text) else os.path.join(self.root, text)
+        normal = os.path.normpath(candidate)
+        root = str(self.root)
+        if normal != root and not normal.startswith(root + os.sep):
+            return None
+        relative = os.path.relpath(normal, root)
+        return None if relative == "." else relative
+
+    def check_file(self, path: str) -> str | None:
+        """Check that a gallery path is a regular file inside the gallery.
+
+        Returns None when it is, or the reason it is not.
+        """
+        absolute = os.path.join(self.root, path)
+        real = os.path.realpath(absolute)
+        if not any(real == allowed or real.startswith(allowed + os.sep) for allowed in self.allowed):
+            return f"outside the gallery (resolves to {real})"
+        try:
+            info = os.lstat(absolute)
+        except FileNotFoundError:
+            return "no such file"
+        except OSError as error:
+            return f"cannot be read ({error.strerror})"
+        if stat.S_ISLNK(info.st_mode):
+            return "not a regular file (a symbolic link)"
+        if not stat.S_ISREG(info.st_mode):
+            return "not a regular file"
+        return None
+
+
+def resolve_entries(entries: list[Entry], gallery: Gallery, table: ImagesTable, state: JournalState) -> list[Verdict]:
+    """Decide what to do with each entry of a chunk of a list, in order.
+
+    An entry is queued when it names a regular file inside the gallery that has an images row
+    and is neither uploaded nor queued already (earlier entries of the same chunk count).
+    Raises DatabaseError when the table cannot be read; nothing is decided then.
+    """
+    paths: dict[int, str] = {}
+    verdicts: dict[int, Verdict] = {}
+    for index, entry in enumerate(entries):
+        if entry.path is not None:
+            relative = gallery.relative_path(entry.path)
+            if relative is None:
+                verdicts[index] = Verdict(entry, "rejected", "outside the gallery")
+            else:
+                paths[index] = relative
+        elif entry.image_id is None:
+            verdicts[index] = Verdict(entry, "rejected", "invalid image id: write id:1234")
+
+    rows_by_path = table.find_by_paths(set(paths.values())) if paths else {}
+    ids = [entry.image_id for entry in entries if entry.image_id is not None]
+    rows_by_id = table.find_by_ids(ids) if ids else {}
+
+    queued_now: set[str] = set()
+    result = []
+    for index, entry in enumerate(entries):
+        if index in verdicts:
+            result.append(verdicts[index])
+            continue
+
+        if entry.image_id is not None:
+            row = rows_by_id.get(entry.image_id)
+            if row is None:
+                result.append(Verdict(entry, "rejected", f"no images row with id {entry.image_id}"))
+                continue
+            path = row_path(row.path)
+        else:
+            path = paths[index]
+            row = rows_by_path.get(path)
+
+        problem = gallery.check_file(path)
+        if problem is not None:
+            result.append(Verdict(entry, "rejected", problem))
+            continue
+        if row is None:
+            result.append(Verdict(entry, "rejected", "no images row for this path"))
+            continue
+
+        upload = state.uploads.get(path)
+        if upload is not None and upload.status in ALREADY_UPLOADED:
+            result.append(Verdict(entry, "already uploaded", row=row))
+        elif (upload is not None and upload.status in ALREADY_QUEUED) or path in queued_now:
+            result.append(Verdict(entry, "already queued", row=row))
+        else:
+            queued_now.add(path)
+            result.append(Verdict(entry, "queued", row=row))
+    return result
+
+
+def album_with_descendants(tree: dict[int, int | None], album: int) -> list[int]:
+    """Return an album's id and the ids of all its sub-albums, at any depth."""
+    children: dict[int, list[int]] = {}
+    for child, parent in tree.items():
+        if parent is not None:
+            children.setdefault(parent, []).append(child)
+    found = []
+    stack = [album]
+    while stack:
+        current = stack.pop()
+        if current in found:
+            continue
+        found.append(current)
+        stack.extend(children.get(current, []))
+    return sorted(found)

@@ -1,0 +1,225 @@
+"""The batch-mode commands: `enqueue`, `backfill` and `url`."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from datetime import date, datetime
+from typing import Iterable, Iterator
+
+from .batch import Gallery, album_with_descendants
+from .config import Config
+from .database import DatabaseError, ImagesTable
+from .journal import JournalError, read_journal
+from .piwigo import database_settings, row_path
+from .spool import SpoolError, parse_entry, write_list
+from .status import upload_status
+from .uploader import Uploader
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+DRY_RUN_SHOWN = 10
+
+
+class UsageError(Exception):
+    """Bad arguments or input; the message names the value and the fix."""
+
+
+def _error(message: str) -> None:
+    print(f"s3watch: error: {message}", file=sys.stderr)
+
+
+def _checked_entries(lines: Iterable[str], source: str) -> Iterator[str]:
+    """Yield the entries to write, raising UsageError for an entry that can never be valid."""
+    for number, line in enumerate(lines, start=1):
+        entry = parse_entry(number, line)
+        if entry is None:
+            continue
+        if entry.path is None and entry.image_id is None:
+            raise UsageError(f"{source} line {number}: invalid image id {entry.text!r}: write id:1234")
+        yield entry.text
+
+
+def _read_lines(name: str) -> Iterator[str]:
+    if name == "-":
+        yield from sys.stdin
+        return
+    try:
+        with open(name, encoding="utf-8") as handle:
+            yield from handle
+    except FileNotFoundError:
+        raise UsageError(f"{name} not found") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{name} is not UTF-8 text: give a list of paths or id:N, one a line") from None
+    except OSError as error:
+        raise UsageError(f"{name} could not be read ({error.strerror})") from None
+
+
+def enqueue(config: Config, entries: list[str], from_file: str | None) -> int:
+    """Write the given entries (and those of `from_file`) into the spool directory as one list.
+
+    Returns the exit status. Nothing is written when an entry is invalid or the input cannot be read.
+    """
+    if not entries and from_file is None:
+        _error("nothing to enqueue: give ENTRY arguments or --from FILE ('-' for standard input)")
+        return EXIT_USAGE
+    sources: list[Iterable[str]] = [_checked_entries(entries, "argument")]
+    if from_file is not None:
+        sources.append(_checked_entries(_read_lines(from_file), "standard input" if from_file == "-" else from_file))
+    try:
+        path, count = write_list(config.spool_dir, itertools.chain(*sources))
+    except UsageError as error:
+        _error(str(error))
+        return EXIT_USAGE
+    except SpoolError as error:
+        _error(str(error))
+        return EXIT_FAILED
+    if count == 0:
+        path.unlink(missing_ok=True)
+        _error("nothing to enqueue: the input holds only blank lines and comments")
+        return EXIT_USAGE
+    print(f"wrote {count} entries to {path}")
+    print(f"the agent queues them at its next look at the spool; its report will be {path.parent / 'done' / path.name}.report")
+    return EXIT_OK
+
+
+def _parse_since(text: str) -> str:
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        try:
+            moment = datetime.combine(date.fromisoformat(text), datetime.min.time())
+        except ValueError:
+            raise UsageError(f"--since {text!r} is not a date: write YYYY-MM-DD or 'YYYY-MM-DD HH:MM:SS'") from None
+    return moment.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _parse_ids(text: str) -> tuple[int, int]:
+    first, _, last = text.partition("-")
+    if not first.strip().isdigit() or (last and not last.strip().isdigit()):
+        raise UsageError(f"--ids {text!r} is not a range: write FIRST-LAST, for example 100-250")
+    low, high = int(first), int(last or first)
+    if low > high:
+        raise UsageError(f"--ids {text!r} is empty: the first id must not be above the last")
+    return low, high
+
+
+def backfill(config: Config, arguments: argparse.Namespace) -> int:
+    """Write a list of the photos selected from the images table, or print them with --dry-run.
+
+    Returns the exit status.
+    """
+    try:
+        if not (arguments.all or arguments.since or arguments.album is not None or arguments.ids):
+            raise UsageError("choose the photos: --all, --since DATE, --album ID [--recursive] or --ids FIRST-LAST")
+        if arguments.all and (arguments.since or arguments.album is not None or arguments.ids):
+            raise UsageError("--all cannot be combined with another selector")
+        if arguments.recursive and arguments.album is None:
+            raise UsageError("--recursive goes with --album ID")
+        since = _parse_since(arguments.since) if arguments.since else None
+        id_range = _parse_ids(arguments.ids) if arguments.ids else None
+    except UsageError as error:
+        _error(str(error))
+        return EXIT_USAGE
+
+    table = ImagesTable(database_settings(config))
+    try:
+        table.connect()
+        albums = None
+        if arguments.album is not None:
+            tree = table.album_tree()
+            if arguments.album not in tree:
+                _error(f"album {arguments.album} not found in {table.prefix}categories: check the album id in Piwigo's album list")
+                return EXIT_USAGE
+            albums = album_with_descendants(tree, arguments.album) if arguments.recursive else [arguments.album]
+        rows = table.iter_rows(since=since, id_range=id_range, album_ids=albums)
+
+        if arguments.dry_run:
+            count = 0
+            for row in rows:
+                if count < DRY_RUN_SHOWN:
+                    print(f"id:{row.id}\t{row_path(row.path)}")
+                count += 1
+            print(f"{count} photos selected (dry run: nothing queued)")
+            return EXIT_OK
+
+        path, count = write_list(config.spool_dir, (f"id:{row.id}" for row in rows))
+    except DatabaseError as error:
+        _error(str(error))
+        return EXIT_FAILED
+    except SpoolError as error:
+        _error(str(error))
+        return EXIT_FAILED
+    finally:
+        table.close()
+
+    if count == 0:
+        path.unlink(missing_ok=True)
+        print("0 photos selected: nothing queued")
+        return EXIT_OK
+    print(f"wrote {count} entries to {path}")
+    print(f"the agent queues them at its next look at the spool; its report will be {path.parent / 'done' / path.name}.report")
+    return EXIT_OK
+
+
+def url(config: Config, text: str) -> int:
+    """Print the download link of an uploaded photo (exit 0), or why it is not uploaded (exit 1)."""
+    entry = parse_entry(1, text)
+    if entry is None or (entry.path is None and entry.image_id is None):
+        _error(f"invalid entry {text!r}: give a photo's path or id:1234")
+        return EXIT_USAGE
+
+    if entry.image_id is not None:
+        table = ImagesTable(database_settings(config))
+        try:
+            table.connect()
+            row = table.find_by_ids([entry.image_id]).get(entry.image_id)
+        except DatabaseError as error:
+            _error(str(error))
+            return EXIT_FAILED
+        finally:
+            table.close()
+        if row is None:
+            print(f"not uploaded: no images row with id {entry.image_id}")
+            return EXIT_FAILED
+        path = row.path
+    else:
+        relative = Gallery(config.piwigo.root, config.piwigo.upload_dir).relative_path(entry.path or "")
+        if relative is None:
+            print(f"not uploaded: {entry.path} is outside the gallery {config.piwigo.root}")
+            return EXIT_FAILED
+        path = relative
+
+    try:
+        state, _ = read_journal(config.journal_path)
+    except JournalError as error:
+        _error(str(error))
+        return EXIT_FAILED
+    upload = state.uploads.get(path)
+    if upload is None:
+        print(f"not uploaded: s3watch has no record of {path}; queue it with: s3watch enqueue {path}")
+        return EXIT_FAILED
+
+    uploader = Uploader(config.s3, config.uploads, config.links, config.piwigo.root)
+    if upload.status == "uploaded" and upload.key:
+        print(uploader.download_url(upload.key))
+        return EXIT_OK
+    if upload.status == "already_present" and upload.key:
+        print(uploader.download_url(upload.key))
+        print(f"note: an object was already at {upload.key} before s3watch tried; it was left untouched and may not be this photo", file=sys.stderr)
+        return EXIT_OK
+
+    reasons = {
+        "pending": f"not uploaded yet: {upload_status(upload)}"
+        + (f" after {upload.attempts} attempts, last at {upload.ts}: {upload.error}" if upload.code else ", waiting for a worker"),
+        "detected": f"not uploaded yet: waiting for its images row since {upload.detected_ts}",
+        "unmatched": f"not uploaded: unmatched ({upload.error})",
+        "gone": f"not uploaded: gone ({upload.error})",
+        "duplicate": f"not uploaded: duplicate of {upload.duplicate_of}, which has the same content"
+        + (f": {uploader.download_url(upload.duplicate_of)}" if upload.duplicate_of else ""),
+    }
+    print(reasons.get(upload.status, f"not uploaded: {upload.status}"))
+    return EXIT_FAILED
+
