@@ -23,11 +23,13 @@ from typing import Any
 import structlog
 
 from .config import Config, ConfigError, load_config
-from .database import DatabaseError, ImageRow, ImagesTable
-from .journal import Journal, JournalError
+from .database import DatabaseError, FormatRow, ImageRow, ImagesTable, TableMissing
+from .journal import Journal, JournalError, Upload
+from .logs import configure_logging
 from .batch import Gallery, Verdict, resolve_entries
 from .matcher import Matcher
-from .piwigo import database_settings, gallery_path, is_original
+from .originals import CaptureSkipped, Originals
+from .piwigo import database_settings, format_path, gallery_path, is_format_file, is_original
 from .spool import Entry, SpoolError, check_list, find_lists, iter_entries, move_done, move_failed
 from .uploader import DuplicateIndex, Outcome, Uploader, UploadFailed, UploadRequest, object_key
 from .watcher import UploadWatcher, WatchError
@@ -101,6 +103,11 @@ class Agent:
         self.ready_batch: deque[str] = deque()  # the same for lists and tags; dispatched after `ready`
         self.current_list: ListRun | None = None
         self.next_spool_check = 0.0
+        self.originals = Originals(config.state_dir, config.uploads.originals_cap)
+        self.original_resize = False  # Piwigo's "resize after upload", read from its config table
+        self.captures_to_delete: list[str] = []  # copies on arrival to delete once the journal is committed
+        self.formats_available = True  # False before Piwigo 13, which has no image_format table
+        self.waiting_for_parent: dict[str, list[str]] = {}  # photo path -> its formats, uploaded after it
         self.next_list_turn = 0.0  # a list whose database look-up failed waits until then
         self.next_tag_poll = 0.0
         self.retry_at: dict[str, float] = {}  # pending uploads that failed, with when to try again
@@ -123,6 +130,7 @@ class Agent:
         lock_fd = acquire_lock(config.state_dir)
         try:
             self.journal = Journal(config.journal_path)
+            self._clean_up_originals()
             self._start_database()
             self.uploader = Uploader(config.s3, config.uploads, config.links, config.piwigo.root, stop=self.abort_event)
             self.duplicates = DuplicateIndex(self.journal.state.md5_index) if config.uploads.prevent_duplicates else None
@@ -150,6 +158,14 @@ class Agent:
                 self.table.close()
             os.close(lock_fd)
 
+    def _clean_up_originals(self) -> None:
+        """Keep the copies on arrival that unfinished uploads refer to; delete those a crash left behind."""
+        assert self.journal is not None
+        referenced = [u.capture for u in self.journal.state.uploads.values() if u.capture and not u.finished]
+        deleted = self.originals.clean_up(referenced)
+        if deleted:
+            log.info("originals_cleaned", deleted=deleted, kept=len(referenced))
+
     def _start_database(self) -> None:
         """Connect to the images table and set the poll cursor on a first start.
 
@@ -169,6 +185,7 @@ class Agent:
             # A first start queues only photos added from now on; older ones are for batch mode.
             self.journal.append("cursor", image_id=self.table.max_id())
             self.journal.commit()
+        self._refresh_original_resize()
 
     def _restore_queue(self) -> None:
         """Rebuild the queue from the journal: pending uploads go back in line, files without a row wait again."""
@@ -240,6 +257,7 @@ class Agent:
         self.workers.shutdown(wait=True, cancel_futures=True)
         self._handle_messages(timeout=0)
         self.journal.commit()
+        self._delete_captures()
         log.info("stopped")
 
     # The loop -----------------------------------------------------------------------------
@@ -262,6 +280,7 @@ class Agent:
                 self._poll_tag(now)
             self._release_retries(now)
             self._commit()
+            self._delete_captures()
             self._dispatch(now)
             self._process_spool(now)
             if now >= self.next_compaction_check:
@@ -303,6 +322,11 @@ class Agent:
             except queue.Empty:
                 return
 
+    def _delete_captures(self) -> None:
+        for name in self.captures_to_delete:
+            self.originals.delete(name)
+        self.captures_to_delete.clear()
+
     def _commit(self) -> None:
         """Make the records of this turn durable before anything is acted on."""
         assert self.journal is not None
@@ -326,14 +350,44 @@ class Agent:
         """
         assert self.journal is not None
         path = gallery_path(self.config.piwigo.root, absolute)
-        if path is None or not is_original(path, self.config.piwigo.upload_dir):
+        if path is None:
+            return
+        if not is_original(path, self.config.piwigo.upload_dir):
+            if self.config.uploads.formats and is_format_file(path, self.config.piwigo.upload_dir) and path not in self.journal.state.uploads:
+                self.next_poll = 0.0  # its image_format row comes soon: poll for it now
             return
         if path in self.journal.state.uploads or not self.config.monitor.enabled:
             return
         now = time.time()
-        self.journal.append("detected", path, source="monitor")
+        self.journal.append("detected", path, source="monitor", **self._capture_on_arrival(absolute))
         self.matcher.add(path, now, now)
         log.debug("detected", path=path)
+
+    def _capture_on_arrival(self, absolute: str) -> dict[str, Any]:
+        """Copy a new file before Piwigo's "resize after upload" can rewrite it. Returns the journal fields."""
+        if not self.original_resize or self.config.uploads.originals != "as_uploaded":
+            return {}
+        try:
+            capture = self.originals.capture(Path(absolute))
+        except CaptureSkipped as skipped:
+            log.warning("original_not_captured", path=absolute, reason=str(skipped))
+            return {"capture_note": str(skipped)}
+        return {"capture": capture.name, "capture_md5": capture.md5}
+
+    def _refresh_original_resize(self) -> None:
+        """Follow Piwigo's "resize after upload" option, which an admin may switch at any time."""
+        assert self.table is not None
+        try:
+            enabled = self.table.original_resize()
+        except TableMissing:
+            enabled = False
+        except DatabaseError as error:
+            self._database_unavailable(error)
+            return
+        if enabled != self.original_resize:
+            self.original_resize = enabled
+            log.info("original_resize_changed", enabled=enabled,
+                     copies_on_arrival=enabled and self.config.uploads.originals == "as_uploaded")
 
     def _match_due(self, now: float) -> None:
         """Look up the rows of the files whose look-up is due; queue the matched, give up on the expired."""
@@ -355,6 +409,7 @@ class Agent:
             elif not self.matcher.retry(path, now):
                 timeout = self.config.monitor.match_timeout
                 self.journal.append("unmatched", path, error=f"no images row for this file within {timeout:g} s")
+                self._forget_capture(path)
                 log.warning("unmatched", path=path, waited_s=timeout)
 
     def _poll_table(self, now: float) -> None:
@@ -372,14 +427,16 @@ class Agent:
         except DatabaseError as error:
             self._database_unavailable(error)
             return
+        self._refresh_original_resize()
+        self._poll_formats()
         if not rows:
             return
 
         for row in rows:
             upload = self.journal.state.uploads.get(row.path)
             if upload is not None:
-                if upload.status == "detected":
-                    self.matcher.discard(row.path)
+                # A file reported unmatched whose row came late is queued now.
+                if upload.status in ("detected", "unmatched"):
                     self._queue(row.path, row)
                 continue
             if self.config.monitor.enabled and is_original(row.path, self.config.piwigo.upload_dir):
@@ -387,6 +444,44 @@ class Agent:
         self.journal.append("cursor", image_id=rows[-1].id)
         if len(rows) == POLL_BATCH:
             self.next_poll = now  # more rows are waiting
+
+    def _poll_formats(self) -> None:
+        """Queue extra formats (RAW files and the like) added since the last poll, to existing photos too."""
+        assert self.journal is not None and self.table is not None
+        if not self.config.uploads.formats or not self.formats_available:
+            return
+        try:
+            cursor = self.journal.state.format_cursor
+            if cursor is None:
+                self.journal.append("cursor", format_id=self.table.max_format_id())
+                return
+            rows = self.table.formats_after(cursor, POLL_BATCH)
+        except TableMissing:
+            self.formats_available = False
+            log.info("formats_unavailable", hint="this gallery has no image_format table (Piwigo before 13): no extra formats to upload")
+            return
+        except DatabaseError as error:
+            self._database_unavailable(error)
+            return
+        if not rows:
+            return
+        if self.config.monitor.enabled:
+            for row in rows:
+                self._queue_format(row, source="poll")
+        self.journal.append("cursor", format_id=rows[-1].format_id)
+        if len(rows) == POLL_BATCH:
+            self.next_poll = 0.0
+
+    def _queue_format(self, row: FormatRow, source: str) -> None:
+        """Queue a photo's extra format unless it is known already; it is uploaded after its photo."""
+        assert self.journal is not None
+        path = format_path(row.photo_path, row.ext)
+        upload = self.journal.state.uploads.get(path)
+        if upload is not None and upload.status not in ("unmatched", "gone"):
+            return
+        self.journal.append("queued", path, image_id=row.image_id, kind="format", format_id=row.format_id, parent=row.photo_path, source=source)
+        self._line_for(source).append(path)
+        log.info("queued", path=path, image_id=row.image_id, format_id=row.format_id, source=source)
 
     def _start_watcher_if_upload_dir_appeared(self) -> None:
         """Start the watch once the upload directory exists, or once monitoring was switched on.
@@ -490,6 +585,7 @@ class Agent:
                 if verdict.outcome == "queued" and verdict.row is not None:
                     self._queue(verdict.row.path, verdict.row, source="batch")
                 run.report(verdict)
+            self._queue_formats_of([v.row.id for v in verdicts if v.outcome == "queued" and v.row is not None], "batch")
         if run.finished:
             # The queued records must be durable before the list leaves the spool.
             self._commit()
@@ -501,6 +597,23 @@ class Agent:
                 return
             log.info("list_processed", list=run.path.name, moved_to=str(moved), **run.counts)
             self.current_list = None
+
+    def _queue_formats_of(self, image_ids: list[int], source: str) -> None:
+        """Queue the extra formats of photos just queued from a list or a tag."""
+        assert self.table is not None
+        if not image_ids or not self.config.uploads.formats or not self.formats_available:
+            return
+        try:
+            rows = self.table.formats_of(image_ids)
+        except TableMissing:
+            self.formats_available = False
+            return
+        except DatabaseError as error:
+            # The photos stay queued; their formats are found by the next list or tag poll.
+            log.warning("formats_lookup_failed", error=str(error), photos=len(image_ids))
+            return
+        for row in rows:
+            self._queue_format(row, source)
 
     def _poll_tag(self, now: float) -> None:
         """Queue every photo that carries the configured tag and is not known to the journal yet."""
@@ -515,6 +628,7 @@ class Agent:
             self._database_unavailable(error)
             return
         gallery = Gallery(self.config.piwigo.root, self.config.piwigo.upload_dir)
+        queued: list[int] = []
         for row in rows:
             upload = self.journal.state.uploads.get(row.path)
             if upload is not None and upload.status not in ("detected", "unmatched"):
@@ -526,6 +640,8 @@ class Agent:
                     log.warning("tagged_photo_rejected", path=row.path, image_id=row.id, reason=problem)
                 continue
             self._queue(row.path, row, source="tag")
+            queued.append(row.id)
+        self._queue_formats_of(queued, "tag")
 
     # Journal -> upload --------------------------------------------------------------------
 
@@ -542,17 +658,32 @@ class Agent:
             upload = self.journal.state.uploads.get(path)
             if upload is None or upload.status != "pending" or path in self.in_flight:
                 continue
+            parent = self.journal.state.uploads.get(upload.parent) if upload.parent else None
+            if parent is not None and parent.status in ("pending", "detected"):
+                self.waiting_for_parent.setdefault(parent.path, []).append(path)
+                continue
             try:
                 key = object_key(self.config.s3.key_template, self.config.s3.prefix, path, upload.image_id, upload.row_md5)
             except ValueError as error:
                 self.journal.append("failed", path, code="failed_code_400", error=str(error), attempts=upload.attempts)
                 log.error("invalid_key", path=path, error=str(error))
                 continue
-            request = UploadRequest(path=path, image_id=upload.image_id, key=key, row_md5=upload.row_md5)
+            request = self._request(upload, key)
             self.in_flight.add(path)
             future = self.workers.submit(self._upload, request)
             future.add_done_callback(lambda done, path=path: self._crashed_worker(done, path))
             free -= 1
+
+    def _request(self, upload: Upload, key: str) -> UploadRequest:
+        """Build a worker's request: the copy taken on arrival goes along when there is one."""
+        capture = self.originals.path_of(upload.capture) if upload.capture else None
+        note = None
+        if capture is None and upload.row_md5 and self.config.uploads.originals == "as_uploaded":
+            note = f"no copy was taken on arrival: {upload.capture_note}" if upload.capture_note else None
+        return UploadRequest(
+            path=upload.path, image_id=upload.image_id, key=key, row_md5=upload.row_md5,
+            capture=capture, format_id=upload.format_id, original_note=note,
+        )
 
     def _upload(self, request: UploadRequest) -> None:
         """Run in a worker: upload and post the outcome to the loop."""
@@ -596,7 +727,8 @@ class Agent:
                 self.retry_at[outcome.path] = now + self.config.uploads.retry_interval
             return
 
-        fields: dict[str, Any] = {"key": outcome.key, "md5": outcome.md5, "bytes": outcome.bytes, "attempts": attempts}
+        fields: dict[str, Any] = {"key": outcome.key, "bucket": self.config.s3.bucket, "md5": outcome.md5, "bytes": outcome.bytes,
+                                  "attempts": attempts, "original": outcome.original, "original_note": outcome.original_note}
         if outcome.event == "uploaded":
             fields["etag"] = outcome.etag
         if outcome.event == "duplicate":
@@ -604,12 +736,23 @@ class Agent:
         if outcome.event == "gone":
             fields = {"error": outcome.error, "attempts": attempts}
         self.journal.append(outcome.event, outcome.path, **fields)
+        self._forget_capture(outcome.path)
+        for waiting in self.waiting_for_parent.pop(outcome.path, []):
+            self.ready.appendleft(waiting)
         if outcome.event == "gone":
             log.warning("gone", path=outcome.path, error=outcome.error)
         else:
-            log.info(outcome.event, path=outcome.path, key=outcome.key, bytes=outcome.bytes, ms=outcome.ms, duplicate_of=outcome.duplicate_of)
+            log.info(outcome.event, path=outcome.path, key=outcome.key if outcome.event != "duplicate" else None, bytes=outcome.bytes, ms=outcome.ms,
+                     duplicate_of=outcome.duplicate_of, original=outcome.original, note=outcome.original_note)
         if outcome.event in ("uploaded", "already_present", "duplicate") and self.blocked_code is not None:
             self._unblock("store answered again")
+
+    def _forget_capture(self, path: str) -> None:
+        """Schedule an upload's copy on arrival for deletion once its final record is committed."""
+        assert self.journal is not None
+        upload = self.journal.state.uploads.get(path)
+        if upload is not None and upload.capture:
+            self.captures_to_delete.append(upload.capture)
 
     def _block(self, code: str, now: float) -> None:
         """Pause uploads after a store-wide failure; one probe upload is tried at growing intervals."""
@@ -660,6 +803,7 @@ class Agent:
         old = self.config
         self.config = config
         self.matcher.match_timeout = config.monitor.match_timeout
+        self.originals.cap_bytes = config.uploads.originals_cap
         if config.piwigo != old.piwigo:
             assert self.table is not None
             self.table.close()
@@ -675,11 +819,16 @@ class Agent:
             self.watcher = None
         if config.uploads.workers != old.uploads.workers:
             log.warning("reload_partial", hint="uploads.workers changes take effect at the next restart")
+        if config.uploads.prevent_duplicates != old.uploads.prevent_duplicates:
+            assert self.journal is not None
+            self.duplicates = DuplicateIndex(self.journal.state.md5_index) if config.uploads.prevent_duplicates else None
+        if config.log != old.log:
+            configure_logging(config.log.format, config.log.level)
 
         # A setting may have been the cause of every failure: try them all again now.
         self._release_retries(float("inf"))
-        self.blocked_code = None
-        self.probe_delay = FIRST_PROBE_DELAY
+        if self.blocked_code is not None:
+            self._unblock("configuration reloaded")
         self.next_poll = 0.0
         self.next_tag_poll = 0.0
         log.info("reloaded", bucket=config.s3.bucket, endpoint=config.s3.endpoint_url or "aws", monitor=config.monitor.enabled, pending=len(self.ready) + len(self.ready_batch))

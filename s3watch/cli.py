@@ -97,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return EXIT_FAILED
+    except BrokenPipeError:
+        # The reader went away (`s3watch status | head`): nothing more to say.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     raise AssertionError(f"unhandled command {arguments.command}")
 
 
@@ -126,14 +130,14 @@ def _check(config: Config) -> int:
     problems = 0
     print(f"configuration {config.source}: ok")
 
+    settings = database_settings(config)  # a ConfigError here is a configuration error: exit 2
     try:
-        settings = database_settings(config)
         table = ImagesTable(settings)
         table.connect()
         newest = table.max_id()
         table.close()
         print(f"database {settings.describe()}: ok (table {table.table}, newest image id {newest})")
-    except (DatabaseError, ConfigError) as error:
+    except DatabaseError as error:
         print(f"database: FAILED: {error}")
         problems += 1
 

@@ -204,10 +204,14 @@ def url(config: Config, text: str) -> int:
 
     uploader = Uploader(config.s3, config.uploads, config.links, config.piwigo.root)
     if upload.status == "uploaded" and upload.key:
-        print(uploader.download_url(upload.key))
+        print(uploader.download_url(upload.key, upload.bucket))
+        if upload.original == "as_uploaded":
+            print("bytes as uploaded (md5 equals the images row's md5sum)", file=sys.stderr)
+        elif upload.original == "as_stored":
+            print(f"bytes as stored, not as uploaded{': ' + upload.original_note if upload.original_note else ''}", file=sys.stderr)
         return EXIT_OK
     if upload.status == "already_present" and upload.key:
-        print(uploader.download_url(upload.key))
+        print(uploader.download_url(upload.key, upload.bucket))
         print(f"note: an object was already at {upload.key} before s3watch tried; it was left untouched and may not be this photo", file=sys.stderr)
         return EXIT_OK
 

@@ -81,6 +81,9 @@ class UploadsConfig:
     part_size: int
     attempts: int
     retry_interval: float
+    originals: str
+    originals_cap: int
+    formats: bool
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,17 @@ def _optional_string(key: str, value: Any) -> str | None:
     return _nonempty_string(key, value)
 
 
+def _optional_secret(key: str, value: Any) -> str | None:
+    """Check a secret without ever putting its value in a message."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(f"{key} must be a string: put the value in quotes")
+    if not value.strip():
+        raise ConfigError(f"{key} must not be empty")
+    return value
+
+
 def _boolean(key: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{key} must be true or false, got {_describe(value)}")
@@ -204,6 +218,8 @@ def _endpoint_url(key: str, value: Any) -> str | None:
         return None
     text = _nonempty_string(key, value)
     parts = urlsplit(text)
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError(f"{key} must not contain credentials: set s3.access_key_id and s3.secret_access_key instead")
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ConfigError(f"{key} must be a URL starting with http:// or https://, got {text!r}")
     return text.rstrip("/")
@@ -232,11 +248,15 @@ def _key_template(key: str, value: Any) -> str:
 
 
 def _database_url(key: str, value: Any) -> str:
-    text = _nonempty_string(key, value)
-    scheme = text.split(":", 1)[0].lower()
-    if scheme not in ("mysql", "mariadb", "sqlite") or "://" not in text:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{key} must be a URL such as mysql://piwigo:PASSWORD@127.0.0.1:3306/piwigo")
+    scheme = value.split(":", 1)[0].lower()
+    if scheme not in ("mysql", "mariadb", "sqlite") or "://" not in value:
         raise ConfigError(f"{key} must start with mysql:// or sqlite:/// (for example mysql://piwigo:PASSWORD@127.0.0.1:3306/piwigo)")
-    return text
+    from .piwigo import parse_database_url
+
+    parse_database_url(value, "")  # raises ConfigError naming the problem, never the password
+    return value
 
 
 # The schema: section -> key -> (checker, default). A section whose value is a dict of this form
@@ -262,7 +282,7 @@ SCHEMA: dict[str, Any] = {
         "region": (_nonempty_string, "us-east-1"),
         "endpoint_url": (_endpoint_url, None),
         "access_key_id": (_optional_string, None),
-        "secret_access_key": (_optional_string, None),
+        "secret_access_key": (_optional_secret, None),
         "addressing_style": (_choice("auto", "path", "virtual"), "auto"),
         "conditional_writes": (_choice("auto", "never"), "auto"),
         "flexible_checksums": (_boolean, False),
@@ -276,6 +296,9 @@ SCHEMA: dict[str, Any] = {
         "part_size_mb": (_mebibytes(5, 5 * 1024), 16),
         "attempts": (_integer(1, 100), 5),
         "retry_interval": (_seconds(1, 86400), 300.0),
+        "originals": (_choice("as_uploaded", "as_stored"), "as_uploaded"),
+        "originals_cap_mb": (_mebibytes(0, 1024 * 1024), 2048),
+        "formats": (_boolean, True),
     },
     "links": {
         "mode": (_choice("public", "presigned"), "public"),
@@ -383,6 +406,9 @@ def parse_config(text: str, source: Path) -> Config:
             part_size=uploads["part_size_mb"],
             attempts=uploads["attempts"],
             retry_interval=uploads["retry_interval"],
+            originals=uploads["originals"],
+            originals_cap=uploads["originals_cap_mb"],
+            formats=uploads["formats"],
         ),
         links=LinksConfig(**values["links"]),
         batch=BatchConfig(**values["batch"]),

@@ -16,6 +16,10 @@ class DatabaseError(Exception):
     """The database could not be reached or queried; the message names the failure and the fix."""
 
 
+class TableMissing(DatabaseError):
+    """A table that only some Piwigo versions have (config, image_format) does not exist."""
+
+
 @dataclass(frozen=True)
 class ImageRow:
     """One photo's row of the images table, as s3watch needs it."""
@@ -23,6 +27,16 @@ class ImageRow:
     id: int
     path: str  # relative to the gallery root, without the leading './'
     md5sum: str | None
+
+
+@dataclass(frozen=True)
+class FormatRow:
+    """One extra format of a photo (Piwigo's image_format table), with its photo's path."""
+
+    format_id: int
+    image_id: int
+    ext: str
+    photo_path: str  # the photo's images.path without './'
 
 
 class ImagesTable:
@@ -174,6 +188,44 @@ class ImagesTable:
         )
         return [_image(row) for row in self._query(sql, (tag, tag))]
 
+    def original_resize(self) -> bool:
+        """Return whether Piwigo's "resize after upload" option (original_resize in the config table) is on.
+
+        Raises TableMissing when the gallery has no config table, DatabaseError otherwise.
+        """
+        rows = self._query(f"SELECT value FROM {self.prefix}config WHERE param = 'original_resize'", (), optional_table=True)
+        return bool(rows) and str(rows[0][0]).strip().lower() in ("true", "1")
+
+    def formats_after(self, format_id: int, limit: int = 1000) -> list[FormatRow]:
+        """Return up to `limit` extra formats with a format_id above `format_id`, lowest first.
+
+        Raises TableMissing before Piwigo 13 (no image_format table), DatabaseError otherwise.
+        """
+        sql = (
+            f"SELECT f.format_id, f.image_id, f.ext, i.path FROM {self.prefix}image_format f "
+            f"JOIN {self.table} i ON i.id = f.image_id WHERE f.format_id > {self._mark} ORDER BY f.format_id LIMIT {int(limit)}"
+        )
+        return [_format(row) for row in self._query(sql, (format_id,), optional_table=True)]
+
+    def formats_of(self, image_ids: Iterable[int]) -> list[FormatRow]:
+        """Return the extra formats of the given photos. Raises TableMissing or DatabaseError."""
+        wanted = list(image_ids)
+        found: list[FormatRow] = []
+        for start in range(0, len(wanted), 500):
+            batch = wanted[start : start + 500]
+            marks = ", ".join([self._mark] * len(batch))
+            sql = (
+                f"SELECT f.format_id, f.image_id, f.ext, i.path FROM {self.prefix}image_format f "
+                f"JOIN {self.table} i ON i.id = f.image_id WHERE f.image_id IN ({marks}) ORDER BY f.format_id"
+            )
+            found.extend(_format(row) for row in self._query(sql, batch, optional_table=True))
+        return found
+
+    def max_format_id(self) -> int:
+        """Return the highest format_id, or 0. Raises TableMissing or DatabaseError."""
+        rows = self._query(f"SELECT MAX(format_id) FROM {self.prefix}image_format", (), optional_table=True)
+        return int(rows[0][0] or 0) if rows else 0
+
     def max_id(self) -> int:
         """Return the highest image id, or 0 for an empty table. Raises DatabaseError."""
         rows = self._query(f"SELECT MAX(id) FROM {self.table}", ())
@@ -183,8 +235,11 @@ class ImagesTable:
     def _mark(self) -> str:
         return "?" if self.settings.kind == "sqlite" else "%s"
 
-    def _query(self, sql: str, params: Any) -> list[tuple[Any, ...]]:
-        """Run a read query, reconnecting once if the connection dropped. Raises DatabaseError."""
+    def _query(self, sql: str, params: Any, optional_table: bool = False) -> list[tuple[Any, ...]]:
+        """Run a read query, reconnecting once if the connection dropped.
+
+        Raises TableMissing for a missing table when `optional_table` is set, DatabaseError otherwise.
+        """
         for attempt in (1, 2):
             if self._connection is None:
                 self.connect()
@@ -199,7 +254,15 @@ class ImagesTable:
                 if attempt == 2:
                     raise DatabaseError(_explain_mysql_error(error, self.settings)) from None
             except pymysql.err.ProgrammingError as error:
+                if optional_table and error.args and error.args[0] == 1146:
+                    raise TableMissing(str(error.args[-1])) from None
                 raise DatabaseError(f"query on {self.table} failed: {error.args[-1]}") from None
+            except sqlite3.OperationalError as error:
+                if optional_table and "no such table" in str(error):
+                    raise TableMissing(str(error)) from None
+                self.close()
+                if attempt == 2:
+                    raise DatabaseError(f"query on {self.table} in {self.settings.sqlite_path} failed: {error}") from None
             except sqlite3.Error as error:
                 self.close()
                 if attempt == 2:
@@ -210,6 +273,10 @@ class ImagesTable:
 def _image(row: tuple[Any, ...]) -> ImageRow:
     md5 = row[2].strip().lower() if isinstance(row[2], str) and row[2].strip() else None
     return ImageRow(id=int(row[0]), path=row_path(str(row[1])), md5sum=md5)
+
+
+def _format(row: tuple[Any, ...]) -> FormatRow:
+    return FormatRow(format_id=int(row[0]), image_id=int(row[1]), ext=str(row[2]).lower(), photo_path=row_path(str(row[3])))
 
 
 def _explain_mysql_error(error: Exception, settings: DatabaseSettings) -> str:

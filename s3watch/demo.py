@@ -155,6 +155,9 @@ def run_demo(directory: Path | None, photos: int) -> int:
     """Run the demo end to end and print the status. Returns 0 when every photo reached the bucket."""
     from .seaweed import SeaweedError, SeaweedFS
 
+    if not 1 <= photos <= 1000:
+        print("s3watch demo: error: --photos must be a whole number from 1 to 1000", file=sys.stderr)
+        return 2
     work = directory or Path(tempfile.mkdtemp(prefix="s3watch-demo-"))
     work.mkdir(parents=True, exist_ok=True)
     gallery = work / "gallery"
@@ -180,9 +183,8 @@ def run_demo(directory: Path | None, photos: int) -> int:
             agent = subprocess.Popen([sys.executable, "-m", "s3watch", "--config", str(config), "run"], stdout=log, stderr=subprocess.STDOUT)
         print(f"agent started (pid {agent.pid}); its log: {log_path}")
 
-        state = work / "state" / "journal.jsonl"
-        _wait(lambda: state.exists() and (work / "state" / "agent.lock").exists(), 30, agent)
-        time.sleep(0.5)  # let the agent place its inotify watch before the first photo arrives
+        # Photos added before the watch is in place would be found by the table poll instead.
+        _wait(lambda: "watching" in log_path.read_text(errors="replace"), 30, agent)
 
         for number in range(1, photos + 1):
             data = sample_photo(number, size=200_000)
@@ -197,6 +199,7 @@ def run_demo(directory: Path | None, photos: int) -> int:
         print()
         subprocess.run([sys.executable, "-m", "s3watch", "--config", str(config), "status"], check=False)
         print(f"\nall {photos} photos are in the bucket; the configuration used is {config}")
+        print("the links work until the demo stops its SeaweedFS server, which it does now")
         return 0
     except TimeoutError as error:
         print(f"s3watch demo: error: {error}; see {work / 'agent.log'}", file=sys.stderr)

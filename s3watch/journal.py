@@ -56,6 +56,15 @@ class Upload:
     attempts: int = 0
     duplicate_of: str | None = None
     etag: str | None = None
+    bucket: str | None = None  # the bucket the object went to (the configured one may change later)
+    kind: str | None = None  # "format" for a photo's extra format; None for the photo itself
+    format_id: int | None = None
+    parent: str | None = None  # for a format: its photo's path
+    capture: str | None = None  # file name of the copy taken on arrival, in the state directory's originals/
+    capture_md5: str | None = None
+    capture_note: str | None = None  # why no copy was taken on arrival
+    original: str | None = None  # which bytes the object holds: "as_uploaded" or "as_stored"
+    original_note: str | None = None  # why the bytes as uploaded could not be sent
 
     @property
     def finished(self) -> bool:
@@ -73,6 +82,7 @@ class JournalState:
     uploads: dict[str, Upload] = field(default_factory=dict)
     md5_index: dict[str, str] = field(default_factory=dict)  # md5 of uploaded content -> its key
     cursor: int | None = None  # highest image id the table poll has handled
+    format_cursor: int | None = None  # highest format_id the format poll has handled
     records: int = 0
 
     def apply(self, record: dict[str, Any]) -> None:
@@ -82,7 +92,10 @@ class JournalState:
         if event == HEADER_EVENT:
             return
         if event == CURSOR_EVENT:
-            self.cursor = int(record["image_id"])
+            if "image_id" in record:
+                self.cursor = int(record["image_id"])
+            if "format_id" in record:
+                self.format_cursor = int(record["format_id"])
             return
 
         status = STATUS_BY_EVENT[event]
@@ -240,6 +253,8 @@ class Journal:
         lines = [json.dumps({"ts": now_iso(), "event": HEADER_EVENT, "version": JOURNAL_VERSION}).encode() + b"\n"]
         if state.cursor is not None:
             lines.append(json.dumps({"ts": now_iso(), "event": CURSOR_EVENT, "image_id": state.cursor}).encode() + b"\n")
+        if state.format_cursor is not None:
+            lines.append(json.dumps({"ts": now_iso(), "event": CURSOR_EVENT, "format_id": state.format_cursor}).encode() + b"\n")
         for upload in state.uploads.values():
             record: dict[str, Any] = {"ts": upload.ts, "event": upload.event, "path": upload.path}
             for name in _UPLOAD_FIELDS:

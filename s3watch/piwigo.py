@@ -83,7 +83,7 @@ def parse_database_url(url: str, table_prefix: str) -> DatabaseSettings:
     try:
         port = parts.port or 3306
     except ValueError:
-        raise ConfigError("piwigo.database.url has an invalid port: write it as host:3306") from None
+        raise ConfigError(f"piwigo.database.url has an invalid port in host {parts.netloc.rpartition('@')[2]!r}: write it as HOST:3306") from None
     options = parse_qs(parts.query)
     socket = options.get("unix_socket", [None])[0]
     host = parts.hostname or "localhost"
@@ -119,6 +119,10 @@ def read_database_inc(root: Path) -> DatabaseSettings:
     literal = r"""(?:'((?:[^'\\]|\\.)*)'|"((?:[^"\\]|\\.)*)")"""
     for match in re.finditer(r"\$conf\[\s*['\"](\w+)['\"]\s*\]\s*=\s*" + literal + r"\s*;", text):
         values[match.group(1)] = _php_unescape(match.group(2), match.group(3))
+    for match in re.finditer(r"\$conf\[\s*['\"](db_\w+|dblayer)['\"]\s*\]\s*=", text):
+        if match.group(1) not in values:
+            # An expression (concatenation, constant, getenv) rather than one string literal.
+            raise ConfigError(f"{path}: {match.group(1)} is not a plain PHP string, which s3watch cannot evaluate: set piwigo.database.url")
     prefix = re.search(r"\$prefixeTable\s*=\s*" + literal + r"\s*;", text)
 
     missing = [name for name in ("db_base", "db_user", "db_host") if name not in values]
@@ -210,6 +214,18 @@ def is_original(path: str, upload_dir: str) -> bool:
     if name.lower() in IGNORED_NAMES:
         return False
     return not name.lower().endswith(TEMPORARY_SUFFIXES)
+
+
+def format_path(photo_path: str, ext: str) -> str:
+    """Return where Piwigo (13 and later) stores a photo's extra format: `pwg_format/<name>.<ext>` beside the photo."""
+    photo = PurePosixPath(photo_path)
+    return str(photo.parent / "pwg_format" / f"{photo.stem}.{ext}")
+
+
+def is_format_file(path: str, upload_dir: str) -> bool:
+    """Tell whether a gallery-relative path is in a `pwg_format` folder of the upload directory."""
+    parts = PurePosixPath(path).parts
+    return len(parts) >= 3 and parts[0] == PurePosixPath(upload_dir).parts[0] and parts[-2] == "pwg_format" and not parts[-1].startswith(".")
 
 
 def row_path(column: str) -> str:

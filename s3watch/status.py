@@ -64,7 +64,7 @@ def _pending_item(upload: Upload) -> dict[str, Any]:
         "status": upload_status(upload),
         "error": upload.error if upload.code else None,
         "attempts": upload.attempts,
-        "last_try": upload.ts if upload.code else None,
+        "last_try": upload.ts if upload.code and upload.attempts else None,
         "source": upload.source,
         "since": upload.detected_ts or upload.ts,
     }
@@ -73,7 +73,7 @@ def _pending_item(upload: Upload) -> dict[str, Any]:
 def _uploaded_item(upload: Upload, uploader: Uploader) -> dict[str, Any]:
     linked_key = upload.duplicate_of if upload.status == "duplicate" else upload.key
     try:
-        url = uploader.download_url(linked_key) if linked_key else None
+        url = uploader.download_url(linked_key, upload.bucket) if linked_key else None
     except Exception:  # noqa: BLE001 - a presigned link needs credentials this user may lack
         url = None
     return {
@@ -81,7 +81,11 @@ def _uploaded_item(upload: Upload, uploader: Uploader) -> dict[str, Any]:
         "image_id": upload.image_id,
         "status": upload.status,
         "key": upload.key,
+        "bucket": upload.bucket,
         "url": url,
+        "kind": upload.kind or "photo",
+        "original": upload.original,
+        "original_note": upload.original_note,
         "bytes": upload.bytes,
         "md5": upload.md5,
         "duplicate_of": upload.duplicate_of,
@@ -107,23 +111,26 @@ def render_text(report: dict[str, Any]) -> str:
         f"{counts['already_present']} already present, {counts['duplicate']} duplicates, "
         f"{counts['unmatched']} unmatched, {counts['gone']} gone",
         "",
-        f"Pending ({len(report['pending'])} most recent):",
+        "Pending: none" if not report["pending"] else f"Pending ({len(report['pending'])} most recent):",
     ]
-    if not report["pending"]:
-        lines.append("  none")
     for item in report["pending"]:
         detail = f"  {item['status']:<18} {item['path']}  image {item['image_id'] if item['image_id'] is not None else '-'}"
         if item["attempts"]:
             detail += f"  attempts {item['attempts']}  last try {item['last_try']}"
+        elif item["status"].startswith("failed_code_"):
+            detail += "  not tried yet: waiting while the store fails other uploads"
         lines.append(detail)
         if item["error"]:
             lines.append(f"  {'':<18} {item['error']}")
 
-    lines += ["", f"Uploaded ({len(report['uploaded'])} most recent):"]
-    if not report["uploaded"]:
-        lines.append("  none")
+    lines += ["", "Uploaded: none" if not report["uploaded"] else f"Uploaded ({len(report['uploaded'])} most recent):"]
     for item in report["uploaded"]:
-        lines.append(f"  {item['time']}  {item['path']}  image {item['image_id']}  -> {item['key']}")
+        kind = "  (extra format)" if item["kind"] == "format" else ""
+        lines.append(f"  {item['time']}  {item['path']}  image {item['image_id']}{kind}  -> {item['key']}")
+        if item["original"] == "as_uploaded":
+            lines.append("      bytes as uploaded (md5 equals the images row's md5sum)")
+        elif item["original"] == "as_stored":
+            lines.append(f"      bytes as stored, not as uploaded{': ' + item['original_note'] if item['original_note'] else ''}")
         if item["status"] == "already_present":
             lines.append("      an object was already at this key; it was left untouched")
         if item["status"] == "duplicate":

@@ -62,6 +62,9 @@ class UploadRequest:
     image_id: int | None
     key: str
     row_md5: str | None
+    capture: Path | None = None  # a copy taken on arrival, sent instead of the file when its md5 is the row's
+    format_id: int | None = None  # set for a photo's extra format
+    original_note: str | None = None  # why no copy on arrival can be sent, when one was expected
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,8 @@ class Outcome:
     attempts: int = 1
     ms: int = 0
     duplicate_of: str | None = None
+    original: str | None = None  # "as_uploaded" when the bytes' md5 is the row's md5sum, else "as_stored"
+    original_note: str | None = None
 
 
 def object_key(template: str, prefix: str, path: str, image_id: int | None, md5: str | None) -> str:
@@ -353,10 +358,13 @@ class Uploader:
             raise
 
     def _attempt_upload(self, request: UploadRequest, duplicates: DuplicateIndex | None) -> Outcome:
-        handle, _size = open_original(self.root, request.path)
+        handle, md5, size, note = self._open_source(request)
         with handle:
-            md5, size = _file_md5(handle)
-            handle.seek(0)
+            original = None
+            if request.format_id is None and request.row_md5:
+                original = "as_uploaded" if md5 == request.row_md5 else "as_stored"
+            if original == "as_stored" and note is None and request.original_note is not None:
+                note = request.original_note
 
             claimed = False
             if duplicates is not None:
@@ -367,18 +375,48 @@ class Uploader:
 
             uploaded = False
             try:
-                outcome = self._send(request, handle, md5, size)
+                outcome = self._send(request, handle, md5, size, original)
                 uploaded = outcome.event == "uploaded"
-                return outcome
+                return Outcome(**{**outcome.__dict__, "original": original, "original_note": note if original == "as_stored" else None})
             finally:
                 if claimed:
                     duplicates.release(md5, request.key, uploaded)  # type: ignore[union-attr]
 
-    def _send(self, request: UploadRequest, handle: BinaryIO, md5: str, size: int) -> Outcome:
+    def _open_source(self, request: UploadRequest) -> tuple[BinaryIO, str, int, str | None]:
+        """Open what to send: the copy taken on arrival when it is proven original, else the file.
+
+        Returns the open file (at its start), its md5 and size, and a note when a copy on arrival
+        was there but is not the original. Raises FileGone.
+        """
+        if request.capture is not None:
+            try:
+                handle = open(request.capture, "rb")
+            except OSError:
+                note = "the copy taken on arrival is missing"
+            else:
+                md5, size = _file_md5(handle)
+                if md5 == request.row_md5:
+                    handle.seek(0)
+                    return handle, md5, size, None
+                handle.close()
+                note = "the copy taken on arrival does not match the images row's md5sum: the file was rewritten before it could be copied"
+        else:
+            note = None
+
+        handle, _size = open_original(self.root, request.path)
+        md5, size = _file_md5(handle)
+        handle.seek(0)
+        return handle, md5, size, note
+
+    def _send(self, request: UploadRequest, handle: BinaryIO, md5: str, size: int, original: str | None) -> Outcome:
         """Send the file unless an object is already at the key. Raises UploadFailed."""
         metadata = {"md5": md5}
         if request.image_id is not None:
             metadata["piwigo-image-id"] = str(request.image_id)
+        if request.format_id is not None:
+            metadata["piwigo-format-id"] = str(request.format_id)
+        if original is not None:
+            metadata["s3watch-bytes"] = original.replace("_", "-")
         content_type = mimetypes.guess_type(request.path)[0] or "application/octet-stream"
 
         if not self.conditional_writes:
@@ -465,19 +503,23 @@ class Uploader:
 
     # Links --------------------------------------------------------------------------------
 
-    def download_url(self, key: str) -> str:
-        """Return the object's download link: public (or under links.base_url) or presigned."""
+    def download_url(self, key: str, bucket: str | None = None) -> str:
+        """Return the object's download link: public (or under links.base_url) or presigned.
+
+        `bucket` is the bucket the object went to, when it may differ from the configured one.
+        """
+        bucket = bucket or self.s3.bucket
         if self.links.mode == "presigned":
-            return str(self.client.generate_presigned_url("get_object", Params={"Bucket": self.s3.bucket, "Key": key}, ExpiresIn=self.links.expires))
+            return str(self.client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=self.links.expires))
         quoted = quote(key, safe="/~")
         if self.links.base_url:
             return f"{self.links.base_url}/{quoted}"
         if self.s3.endpoint_url:
             if self.s3.addressing_style == "virtual":
                 scheme, _, host = self.s3.endpoint_url.partition("://")
-                return f"{scheme}://{self.s3.bucket}.{host}/{quoted}"
-            return f"{self.s3.endpoint_url}/{self.s3.bucket}/{quoted}"
-        return f"https://{self.s3.bucket}.s3.{self.s3.region}.amazonaws.com/{quoted}"
+                return f"{scheme}://{bucket}.{host}/{quoted}"
+            return f"{self.s3.endpoint_url}/{bucket}/{quoted}"
+        return f"https://{bucket}.s3.{self.s3.region}.amazonaws.com/{quoted}"
 
 
 def _ms_since(started: float) -> int:

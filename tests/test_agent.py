@@ -315,3 +315,41 @@ def test_sigterm_leaves_journal_consistent(setup: Setup, agent: AgentProcess, pi
     agent.start()
     for path in paths:
         wait_for(lambda: uploaded(setup, path), what=f"{path}")
+
+
+def test_unmatched_file_is_queued_when_row_comes_late(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation) -> None:
+    setup.update("monitor", match_timeout=1)
+    agent.start()
+    data = sample_photo(1)
+    path = piwigo.place_file(data)
+    wait_for(lambda: setup.upload_status(path) == "unmatched", what="unmatched")
+
+    piwigo.insert_row(path, hashlib.md5(data).hexdigest(), len(data))
+    wait_for(lambda: uploaded(setup, path), what="the upload once the row came")
+
+
+def test_reload_switches_duplicate_detection(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation) -> None:
+    agent.start()
+    data = sample_photo(1)
+    _, first = piwigo.add_photo(data)
+    wait_for(lambda: uploaded(setup, first), what="the first copy")
+
+    setup.update("uploads", prevent_duplicates=True)
+    agent.signal(signal.SIGHUP)
+    wait_for(lambda: "reloaded" in agent.log(), what="the reload")
+    _, second = piwigo.add_photo(data)
+    wait_for(lambda: setup.upload_status(second) == "duplicate", what="the duplicate")
+
+
+def test_links_keep_the_bucket_of_each_upload(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation, seaweed: SeaweedFS, bucket: str) -> None:
+    agent.start()
+    _, path = piwigo.add_photo(sample_photo(1))
+    wait_for(lambda: uploaded(setup, path), what="the upload")
+    agent.stop()
+
+    other = f"{bucket}-new"
+    seaweed.create_bucket(other)
+    setup.update("s3", bucket=other)
+    item = setup.status()["uploaded"][0]
+    assert item["bucket"] == bucket
+    assert f"/{bucket}/{path}" in item["url"]

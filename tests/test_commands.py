@@ -92,3 +92,12 @@ def test_agent_on_sqlite_images_table(setup: Setup, tmp_path: Path, gallery_root
         assert "X-Amz-Expires=600" in url
     finally:
         agent.stop()
+
+
+def test_status_piped_into_head_exits_quietly(setup: Setup) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run(f"{sys.executable} -m s3watch --config {setup.path} status --json | head -1", shell=True, capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "{"
+    assert "Traceback" not in result.stderr

@@ -48,6 +48,9 @@ def test_minimal_config_gets_documented_defaults() -> None:
         (MINIMAL + "  key_template: 'fixed'\n", "must contain {path}"),
         (MINIMAL + "  access_key_id: AKIA\n", "set both s3.access_key_id and s3.secret_access_key"),
         ("piwigo:\n  root: /srv\n  database:\n    url: postgres://x/y\ns3:\n  bucket: abc\n", "must start with mysql:// or sqlite:///"),
+        ("piwigo:\n  root: /srv\n  database:\n    url: mysql://u:pw@db:abc/x\ns3:\n  bucket: abc\n", "has an invalid port in host 'db:abc'"),
+        (MINIMAL + "  endpoint_url: http://AKIA:hunter2@127.0.0.1:9000\n", "must not contain credentials"),
+        (MINIMAL + "  access_key_id: AKIA\n  secret_access_key: 987654321987\n", "s3.secret_access_key must be a string: put the value in quotes"),
     ],
 )
 def test_invalid_config_is_rejected_with_key_named(text: str, message: str) -> None:
@@ -55,6 +58,8 @@ def test_invalid_config_is_rejected_with_key_named(text: str, message: str) -> N
         parse(text)
     assert message in str(caught.value)
     assert "\n" not in str(caught.value)
+    for secret in ("987654321987", "hunter2", "pw@"):
+        assert secret not in str(caught.value)
 
 
 def test_load_config_checks_gallery_root(tmp_path: Path) -> None:
@@ -123,6 +128,13 @@ def test_database_inc_missing_or_unparseable(tmp_path: Path) -> None:
     (tmp_path / "local" / "config").mkdir(parents=True)
     (tmp_path / "local" / "config" / "database.inc.php").write_text("<?php // nothing here\n")
     with pytest.raises(ConfigError, match=r"could not be parsed: missing db_base, db_user, db_host, \$prefixeTable"):
+        read_database_inc(tmp_path)
+
+
+def test_database_inc_expression_is_rejected(tmp_path: Path) -> None:
+    (tmp_path / "local" / "config").mkdir(parents=True)
+    (tmp_path / "local" / "config" / "database.inc.php").write_text(DATABASE_INC.replace("'it\\'s \"secret\"'", "getenv('DB_PASSWORD')"))
+    with pytest.raises(ConfigError, match="db_password is not a plain PHP string"):
         read_database_inc(tmp_path)
 
 
