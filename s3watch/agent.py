@@ -28,6 +28,8 @@ from .journal import Journal, JournalError, Upload
 from .logs import configure_logging
 from .batch import Gallery, Verdict, resolve_entries
 from .matcher import Matcher
+from .metrics import Metrics, MetricsError
+from .sdnotify import Notifier
 from .originals import CaptureSkipped, Originals
 from .piwigo import database_settings, format_path, gallery_path, is_format_file, is_original
 from .spool import Entry, SpoolError, check_list, find_lists, iter_entries, move_done, move_failed
@@ -45,6 +47,7 @@ POLL_BATCH = 1000  # rows read per table poll
 LIST_CHUNK = 500  # list entries resolved per loop turn, so a long list never stalls monitoring
 STOP_DEADLINE = 20.0  # seconds uploads in flight get to finish on SIGTERM; below systemd's default 90 s stop timeout
 COMPACT_CHECK_INTERVAL = 60.0
+METRICS_INTERVAL = 5.0  # seconds between updates of the gauges that need a scan
 
 
 class AgentError(Exception):
@@ -107,6 +110,14 @@ class Agent:
         self.original_resize = False  # Piwigo's "resize after upload", read from its config table
         self.captures_to_delete: list[str] = []  # copies on arrival to delete once the journal is committed
         self.formats_available = True  # False before Piwigo 13, which has no image_format table
+        self.notifier = Notifier.from_environment()
+        self.watchdog_interval = self.notifier.watchdog_interval()
+        self.next_watchdog = 0.0
+        self.ready_sent = False
+        self.last_upload_ts: str | None = None
+        self.last_error: str | None = None
+        self.metrics: Metrics | None = None
+        self.next_metrics = 0.0
         self.waiting_for_parent: dict[str, list[str]] = {}  # photo path -> its formats, uploaded after it
         self.next_list_turn = 0.0  # a list whose database look-up failed waits until then
         self.next_tag_poll = 0.0
@@ -141,6 +152,7 @@ class Agent:
             self._restore_queue()
             self._start_watcher()
             self._install_signal_handlers()
+            self._start_metrics()
             log.info(
                 "started", bucket=config.s3.bucket, endpoint=config.s3.endpoint_url or "aws", prefix=config.s3.prefix or None,
                 gallery=str(config.piwigo.root), monitor=config.monitor.enabled, workers=config.uploads.workers,
@@ -150,6 +162,8 @@ class Agent:
             self._shutdown()
             return 0
         finally:
+            if self.metrics is not None:
+                self.metrics.close()
             if self.watcher is not None:
                 self.watcher.stop()
             if self.journal is not None:
@@ -157,6 +171,17 @@ class Agent:
             if self.table is not None:
                 self.table.close()
             os.close(lock_fd)
+
+    def _start_metrics(self) -> None:
+        """Open the Prometheus endpoint when metrics.listen is set. Raises AgentError when it cannot be opened."""
+        if self.config.metrics.listen is None:
+            return
+        self.metrics = Metrics()
+        try:
+            self.metrics.serve(self.config.metrics.listen)
+        except MetricsError as error:
+            raise AgentError(str(error)) from None
+        log.info("metrics_listening", listen=self.config.metrics.listen)
 
     def _clean_up_originals(self) -> None:
         """Keep the copies on arrival that unfinished uploads refer to; delete those a crash left behind."""
@@ -241,6 +266,7 @@ class Agent:
     def _shutdown(self) -> None:
         """Stop taking work, let uploads in flight finish until the deadline, record their outcomes."""
         assert self.journal is not None and self.workers is not None
+        self.notifier.stopping()
         log.info("stopping", in_flight=len(self.in_flight))
         if self.watcher is not None:
             self.watcher.stop()
@@ -270,7 +296,9 @@ class Agent:
                 break
             if self.reload_event.is_set():
                 self.reload_event.clear()
+                self.notifier.reloading()
                 self._reload()
+                self.notifier.ready(self._status_line())
 
             now = time.time()
             self._match_due(now)
@@ -285,6 +313,7 @@ class Agent:
             self._process_spool(now)
             if now >= self.next_compaction_check:
                 self._compact_if_needed(now)
+            self._report_health(now)
 
     def _seconds_to_next_deadline(self) -> float:
         now = time.time()
@@ -300,7 +329,50 @@ class Agent:
             deadlines.append(min(self.retry_at.values()))
         if self.blocked_code and (self.ready or self.ready_batch):
             deadlines.append(self.probe_at)
+        if self.watchdog_interval is not None:
+            deadlines.append(self.next_watchdog)
         return max(0.0, min(min(deadlines) - now, 5.0))
+
+    def _report_health(self, now: float) -> None:
+        """Tell systemd the agent is alive and what it is doing, and update the metrics.
+
+        The watchdog ping comes from this loop, not a side thread, so a hung loop gets restarted.
+        READY=1 waits until the journal is replayed, the watches are in place and the database
+        answered once.
+        """
+        if not self.ready_sent and self.table is not None and not self.database_down and self.journal is not None and self.journal.state.cursor is not None:
+            self.ready_sent = True
+            self.notifier.ready(self._status_line())
+            log.info("ready", pending=self._pending_count())
+        elif self.ready_sent:
+            self.notifier.status(self._status_line())
+        if self.watchdog_interval is not None and now >= self.next_watchdog:
+            self.notifier.watchdog()
+            self.next_watchdog = now + self.watchdog_interval
+        if self.metrics is not None and now >= self.next_metrics:
+            self.next_metrics = now + METRICS_INTERVAL
+            self._update_gauges(now)
+
+    def _pending_count(self) -> int:
+        return len(self.ready) + len(self.ready_batch) + len(self.retry_at) + len(self.in_flight) + len(self.matcher) + sum(map(len, self.waiting_for_parent.values()))
+
+    def _status_line(self) -> str:
+        """Return the short line `systemctl status` shows: queue, last upload, last error."""
+        failing = f", store failing with {self.blocked_code}" if self.blocked_code else ""
+        return (f"{self._pending_count()} pending{failing}; last upload {self.last_upload_ts or 'none yet'}; "
+                f"last error {self.last_error or 'none'}")
+
+    def _update_gauges(self, now: float) -> None:
+        """Set the gauges that need a look at the queue or the journal file."""
+        assert self.metrics is not None and self.journal is not None
+        self.metrics.queue_length.set(self._pending_count())
+        heads = [line[0] for line in (self.ready, self.ready_batch) if line] + list(self.retry_at)
+        oldest = min((self.journal.state.uploads[path].detected_ts for path in heads if path in self.journal.state.uploads), default=None)
+        self.metrics.oldest_pending_age.set(max(0.0, now - _epoch(oldest)) if oldest else 0.0)
+        try:
+            self.metrics.journal_bytes.set(self.journal.path.stat().st_size)
+        except OSError:
+            pass
 
     def _handle_messages(self, timeout: float) -> None:
         """Wait up to `timeout` for a message, then take every message waiting."""
@@ -409,6 +481,8 @@ class Agent:
             elif not self.matcher.retry(path, now):
                 timeout = self.config.monitor.match_timeout
                 self.journal.append("unmatched", path, error=f"no images row for this file within {timeout:g} s")
+                if self.metrics is not None:
+                    self.metrics.uploads.labels(outcome="unmatched").inc()
                 self._forget_capture(path)
                 log.warning("unmatched", path=path, waited_s=timeout)
 
@@ -716,9 +790,20 @@ class Agent:
         attempts = (upload.attempts if upload else 0) + outcome.attempts
         now = time.time()
 
+        if self.metrics is not None:
+            if outcome.event == "failed":
+                self.metrics.failures.labels(code=outcome.code or "failed_code_0").inc(max(1, outcome.attempts))
+            else:
+                self.metrics.uploads.labels(outcome=outcome.event).inc()
+            if outcome.event == "uploaded":
+                self.metrics.uploaded_bytes.inc(outcome.bytes or 0)
+                self.metrics.last_success.set(now)
+
         if outcome.event == "failed":
+            self.last_error = f"{outcome.code} at {time.strftime('%H:%M:%S')}"
             self.journal.append("failed", outcome.path, code=outcome.code, error=outcome.error, attempts=attempts)
-            log.warning("upload_failed", path=outcome.path, key=outcome.key, code=outcome.code, error=outcome.error, attempts=attempts)
+            log.warning("upload_failed", path=outcome.path, image_id=upload.image_id if upload else None, key=outcome.key,
+                        code=outcome.code, error=outcome.error, attempts=attempts)
             status = int(str(outcome.code).rsplit("_", 1)[-1])
             if status in STORE_WIDE_STATUSES or status >= 500:
                 self._block(outcome.code or "failed_code_0", now)
@@ -736,13 +821,16 @@ class Agent:
         if outcome.event == "gone":
             fields = {"error": outcome.error, "attempts": attempts}
         self.journal.append(outcome.event, outcome.path, **fields)
+        if outcome.event == "uploaded":
+            self.last_upload_ts = time.strftime("%Y-%m-%d %H:%M:%S")
         self._forget_capture(outcome.path)
         for waiting in self.waiting_for_parent.pop(outcome.path, []):
             self.ready.appendleft(waiting)
         if outcome.event == "gone":
             log.warning("gone", path=outcome.path, error=outcome.error)
         else:
-            log.info(outcome.event, path=outcome.path, key=outcome.key if outcome.event != "duplicate" else None, bytes=outcome.bytes, ms=outcome.ms,
+            log.info(outcome.event, path=outcome.path, image_id=upload.image_id if upload else None,
+                     key=outcome.key if outcome.event != "duplicate" else None, bytes=outcome.bytes, ms=outcome.ms,
                      duplicate_of=outcome.duplicate_of, original=outcome.original, note=outcome.original_note)
         if outcome.event in ("uploaded", "already_present", "duplicate") and self.blocked_code is not None:
             self._unblock("store answered again")

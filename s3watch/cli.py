@@ -23,7 +23,14 @@ def _parser() -> argparse.ArgumentParser:
     commands.required = True
 
     commands.add_parser("run", help="run the agent in the foreground, as systemd does")
-    commands.add_parser("check", help="validate the configuration and connect to the database and the bucket; exit 0 only when all is well")
+    check = commands.add_parser("check", help="validate the configuration and connect to the database and the bucket; exit 0 only when all is well")
+    check.add_argument("--offline", action="store_true", help="check the configuration, Piwigo's database settings and the folders only, without connecting (for ExecStartPre=)")
+
+    config = commands.add_parser("config", help="configuration helpers")
+    config_commands = config.add_subparsers(dest="config_command", metavar="ACTION")
+    config_commands.required = True
+    generate = config_commands.add_parser("generate", help="print a commented sample configuration (every key with its default)")
+    generate.add_argument("--output", "-o", type=Path, default=None, metavar="FILE", help="write it to FILE (refused if FILE exists) instead of standard output")
     status = commands.add_parser("status", help="show pending and failed uploads and the most recent uploads with their links")
     status.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
@@ -71,11 +78,13 @@ def main(argv: list[str] | None = None) -> int:
             from .demo import run_demo
 
             return run_demo(arguments.dir, arguments.photos)
+        if arguments.command == "config":
+            return _generate(arguments.output)
         config = load_config(_config_path(arguments))
         if arguments.command == "run":
             return _run(config)
         if arguments.command == "check":
-            return _check(config)
+            return _check_offline(config) if arguments.offline else _check(config)
         if arguments.command == "status":
             return _status(config, arguments.json)
         if arguments.command == "journal":
@@ -167,6 +176,40 @@ def _check(config: Config) -> int:
         print(f"{problems} problem(s) found")
         return EXIT_FAILED
     print("all checks passed")
+    return EXIT_OK
+
+
+def _check_offline(config: Config) -> int:
+    """Check what can be checked without a network: the configuration, Piwigo's database settings, the folders."""
+    from .piwigo import database_settings
+
+    settings = database_settings(config)  # a ConfigError here exits 2 with the reason
+    print(f"configuration {config.source}: ok (database {settings.describe()}, bucket {config.s3.bucket})")
+    for name, folder in (("state directory", config.state_dir), ("spool directory", config.spool_dir)):
+        if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+            print(f"{name} {folder}: FAILED: not writable by this user; give this user write access")
+            return EXIT_FAILED
+    return EXIT_OK
+
+
+def _generate(output: Path | None) -> int:
+    """Print or write the commented sample configuration shipped with s3watch."""
+    from importlib.resources import files
+
+    text = files("s3watch").joinpath("s3watch.yaml.example").read_text(encoding="utf-8")
+    if output is None:
+        sys.stdout.write(text)
+        return EXIT_OK
+    try:
+        with open(output, "x", encoding="utf-8") as handle:
+            handle.write(text)
+    except FileExistsError:
+        _error(f"{output} exists already: choose another file or remove it first")
+        return EXIT_CONFIG
+    except OSError as error:
+        _error(f"{output} could not be written ({error.strerror})")
+        return EXIT_FAILED
+    print(f"wrote {output}; set piwigo.root and s3.bucket, then run: s3watch --config {output} check")
     return EXIT_OK
 
 

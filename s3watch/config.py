@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit
@@ -104,6 +104,13 @@ class BatchConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """The `metrics` section: the optional Prometheus endpoint."""
+
+    listen: str | None
+
+
+@dataclass(frozen=True)
 class LogConfig:
     """The `log` section: format and level of the agent's log lines."""
 
@@ -121,6 +128,7 @@ class Config:
     uploads: UploadsConfig
     links: LinksConfig
     batch: BatchConfig
+    metrics: MetricsConfig
     log: LogConfig
     state_dir: Path
     spool_dir: Path
@@ -225,6 +233,16 @@ def _endpoint_url(key: str, value: Any) -> str | None:
     return text.rstrip("/")
 
 
+def _listen_address(key: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    text = _nonempty_string(key, value)
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{key} must be HOST:PORT, for example 127.0.0.1:9464, got {text!r}")
+    return text
+
+
 def _bucket(key: str, value: Any) -> str:
     text = _nonempty_string(key, value)
     if not re.fullmatch(r"[a-z0-9][a-z0-9.\-_]{1,253}[a-z0-9]", text):
@@ -309,6 +327,9 @@ SCHEMA: dict[str, Any] = {
         "tag": (_optional_string, None),
         "tag_poll_interval": (_seconds(1, 86400), 60.0),
     },
+    "metrics": {
+        "listen": (_listen_address, None),
+    },
     "log": {
         "format": (_choice("console", "json"), "console"),
         "level": (_choice("debug", "info", "warning", "error"), "info"),
@@ -372,7 +393,8 @@ def _apply_schema(schema: dict[str, Any], data: Any, where: str, file: Path) -> 
 def parse_config(text: str, source: Path) -> Config:
     """Parse and validate configuration text; `source` names the file in messages.
 
-    Returns the typed configuration with every default filled in. Raises ConfigError for
+    Returns the typed configuration with every default filled in, and the S3 keys taken from
+    systemd credentials where present (see `apply_credentials`). Raises ConfigError for
     unparseable YAML and for any invalid, unknown or missing key. Folders are not checked
     here (see `check_folders`), so a configuration can be validated on another machine.
     """
@@ -392,10 +414,8 @@ def parse_config(text: str, source: Path) -> Config:
     if uploads["part_size_mb"] > uploads["multipart_threshold_mb"]:
         raise ConfigError(f"{source}: uploads.part_size_mb must not be larger than uploads.multipart_threshold_mb")
     s3 = values["s3"]
-    if (s3["access_key_id"] is None) != (s3["secret_access_key"] is None):
-        raise ConfigError(f"{source}: set both s3.access_key_id and s3.secret_access_key, or neither to use boto3's credential chain")
 
-    return Config(
+    config = Config(
         piwigo=PiwigoConfig(root=Path(piwigo["root"]), upload_dir=piwigo["upload_dir"].strip("/"), database=database),
         monitor=MonitorConfig(**values["monitor"]),
         s3=S3Config(**s3),
@@ -412,11 +432,16 @@ def parse_config(text: str, source: Path) -> Config:
         ),
         links=LinksConfig(**values["links"]),
         batch=BatchConfig(**values["batch"]),
+        metrics=MetricsConfig(**values["metrics"]),
         log=LogConfig(**values["log"]),
         state_dir=Path(values["state_dir"]),
         spool_dir=Path(values["spool_dir"]),
         source=source,
     )
+    config = apply_credentials(config)
+    if (config.s3.access_key_id is None) != (config.s3.secret_access_key is None):
+        raise ConfigError(f"{source}: set both s3.access_key_id and s3.secret_access_key, or neither to use boto3's credential chain")
+    return config
 
 
 def load_config(path: Path) -> Config:
@@ -439,6 +464,38 @@ def load_config(path: Path) -> Config:
     config = parse_config(text, path)
     check_folders(config)
     return config
+
+
+# systemd credentials (LoadCredential=) s3watch reads from $CREDENTIALS_DIRECTORY, so that no
+# secret needs to sit in the YAML file.
+CREDENTIAL_NAMES = ("s3_access_key_id", "s3_secret_access_key", "db_password")
+
+
+def read_credential(name: str) -> str | None:
+    """Return a systemd credential's value (trailing newline removed), or None when there is none.
+
+    Raises ConfigError when the credential file exists but cannot be read.
+    """
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        return None
+    path = Path(directory) / name
+    try:
+        return path.read_text(encoding="utf-8").rstrip("\r\n")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"credential {path} could not be read ({getattr(error, 'strerror', None) or 'not UTF-8'}): check LoadCredential= in the unit") from None
+
+
+def apply_credentials(config: Config) -> Config:
+    """Return the configuration with the S3 keys taken from systemd credentials, where present."""
+    access_key = read_credential("s3_access_key_id")
+    secret_key = read_credential("s3_secret_access_key")
+    if access_key is None and secret_key is None:
+        return config
+    s3 = replace(config.s3, access_key_id=access_key or config.s3.access_key_id, secret_access_key=secret_key or config.s3.secret_access_key)
+    return replace(config, s3=s3)
 
 
 def check_folders(config: Config) -> None:

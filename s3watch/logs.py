@@ -48,18 +48,27 @@ class EventLineRenderer:
 
 
 def configure_logging(format: str = "console", level: str = "info", stream: TextIO | None = None) -> None:
-    """Set up structlog: console lines (with priority prefixes under systemd) or JSON, at `level` and above."""
+    """Set up structlog for the agent's output.
+
+    When standard output is connected to the journal, each event goes to journald's native
+    socket with its fields as journal fields (falling back to a line with its syslog priority
+    prefix). Otherwise events are printed as console lines or JSON, at `level` and above.
+    """
+    from .journald import JOURNAL_SOCKET_PATH, JournaldRenderer, journal_stream_connected
+
     output = stream or sys.stdout
-    under_journal = bool(os.environ.get("JOURNAL_STREAM")) and stream is None
-    processors: list[Any] = [
-        structlog.processors.add_log_level,
-    ]
-    if format == "json":
+    under_journal = stream is None and journal_stream_connected()
+    processors: list[Any] = [structlog.processors.add_log_level]
+    if under_journal:
+        console = EventLineRenderer(priority_prefix=True, show_level=False)
+        # S3WATCH_JOURNAL_SOCKET lets tests point the agent at a socket of their own.
+        socket_path = os.environ.get("S3WATCH_JOURNAL_SOCKET", JOURNAL_SOCKET_PATH)
+        processors.append(JournaldRenderer(socket_path, console=console))
+    elif format == "json":
         processors += [structlog.processors.TimeStamper(fmt="iso", utc=True), structlog.processors.JSONRenderer()]
     else:
-        if not under_journal:
-            processors.append(structlog.processors.TimeStamper(fmt="%Y-%m-%dT%H:%M:%S", utc=True))
-        processors.append(EventLineRenderer(priority_prefix=under_journal, show_level=True))
+        processors.append(structlog.processors.TimeStamper(fmt="%Y-%m-%dT%H:%M:%S", utc=True))
+        processors.append(EventLineRenderer(priority_prefix=False, show_level=True))
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS.get(level, logging.INFO)),

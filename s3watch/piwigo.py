@@ -58,9 +58,18 @@ def database_settings(config: Config) -> DatabaseSettings:
     Returns the settings. Raises ConfigError when the URL is invalid, or when database.inc.php
     is missing, unreadable or lacks a setting.
     """
+    from dataclasses import replace
+
+    from .config import read_credential
+
     if config.piwigo.database is not None:
-        return parse_database_url(config.piwigo.database.url, config.piwigo.database.table_prefix)
-    return read_database_inc(config.piwigo.root)
+        settings = parse_database_url(config.piwigo.database.url, config.piwigo.database.table_prefix)
+    else:
+        settings = read_database_inc(config.piwigo.root)
+    password = read_credential("db_password")
+    if password is not None and settings.kind == "mysql":
+        settings = replace(settings, password=password)
+    return settings
 
 
 def parse_database_url(url: str, table_prefix: str) -> DatabaseSettings:

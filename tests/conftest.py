@@ -191,10 +191,14 @@ class AgentProcess:
         self.config = config
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
+        self.environment: dict[str, str] = {}  # extra environment variables for the agent
 
-    def start(self) -> "AgentProcess":
+    def start(self, wait_for_log: bool = True) -> "AgentProcess":
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "s3watch", "--config", str(self.config), "run"], stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen([sys.executable, "-m", "s3watch", "--config", str(self.config), "run"], stdout=log,
+                                            stderr=subprocess.STDOUT, env={**os.environ, **self.environment})
+        if not wait_for_log:
+            return self
         wait_for(lambda: "watching" in self.log() or "started" in self.log() or self.process.poll() is not None, 30, "the agent to start")
         assert self.process.poll() is None, f"agent exited at start:\n{self.log()}"
         return self
