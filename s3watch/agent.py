@@ -22,17 +22,17 @@ from typing import Any
 
 import structlog
 
+from .batch import Gallery, ListRun, resolve_entries
 from .config import Config, ConfigError, load_config
 from .database import DatabaseError, FormatRow, ImageRow, ImagesTable, TableMissing
 from .journal import Journal, JournalError, Upload
 from .logs import configure_logging
-from .batch import Gallery, Verdict, resolve_entries
 from .matcher import Matcher
 from .metrics import Metrics, MetricsError
-from .sdnotify import Notifier
 from .originals import CaptureSkipped, Originals
 from .piwigo import database_settings, format_path, gallery_path, is_format_file, is_original
-from .spool import Entry, SpoolError, check_list, find_lists, iter_entries, move_done, move_failed
+from .sdnotify import Notifier
+from .spool import SpoolError, check_list, find_lists, move_failed
 from .uploader import DuplicateIndex, Outcome, Uploader, UploadFailed, UploadRequest, object_key
 from .watcher import UploadWatcher, WatchError
 
@@ -648,7 +648,7 @@ class Agent:
         entries = run.next_entries(LIST_CHUNK)
         if entries:
             try:
-                verdicts = resolve_entries(entries, run.gallery_for(self.config), self.table, self.journal.state)
+                verdicts = resolve_entries(entries, run.gallery_for(self.config), self.table, self.journal.state, requeue=run.requeue)
                 self._database_back()
             except DatabaseError as error:
                 self._database_unavailable(error)
@@ -934,57 +934,3 @@ class Agent:
             return
         log.info("journal_compacted", records_before=before, records_after=self.journal.state.records)
 
-
-class ListRun:
-    """A list being processed: its entries read a chunk at a time, and its report written as it goes."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.report_path = path.with_name(f".{path.name}.report.partial")
-        fd = os.open(self.report_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-        self._report = os.fdopen(fd, "w", encoding="utf-8")
-        self._report.write(f"# s3watch report for {path.name}\n")
-        self._entries = iter_entries(path)
-        self._pushed_back: list[Entry] = []
-        self.finished = False
-        self.counts = {"queued": 0, "already_uploaded": 0, "already_queued": 0, "rejected": 0}
-
-    def gallery_for(self, config: Config) -> Gallery:
-        """Return the gallery the entries are resolved against."""
-        return Gallery(config.piwigo.root, config.piwigo.upload_dir)
-
-    def next_entries(self, count: int) -> list[Entry]:
-        """Return up to `count` further entries; sets `finished` when the list is exhausted."""
-        entries = self._pushed_back[:count]
-        self._pushed_back = self._pushed_back[count:]
-        while len(entries) < count:
-            entry = next(self._entries, None)
-            if entry is None:
-                self.finished = not self._pushed_back
-                break
-            entries.append(entry)
-        return entries
-
-    def rewind(self, entries: list[Entry]) -> None:
-        """Put entries back, to be taken again (after a database failure)."""
-        self._pushed_back = entries + self._pushed_back
-        self.finished = False
-
-    def report(self, verdict: Verdict) -> None:
-        """Add an entry's outcome to the report."""
-        self._report.write(verdict.report_line() + "\n")
-        self.counts[verdict.outcome.replace(" ", "_")] += 1
-
-    def finish(self) -> Path:
-        """Complete the report and move the list and its report to done/. Returns the list's new path."""
-        counts = ", ".join(f"{count} {name.replace('_', ' ')}" for name, count in self.counts.items())
-        self._report.write(f"# {counts}\n")
-        self._report.flush()
-        os.fsync(self._report.fileno())
-        self._report.close()
-        return move_done(self.path, self.report_path)
-
-    def close(self) -> None:
-        """Drop an unfinished run; the list stays in the spool and is processed again from the start."""
-        self._report.close()
-        self.report_path.unlink(missing_ok=True)

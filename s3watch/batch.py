@@ -12,10 +12,11 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config import Config
 from .database import ImageRow, ImagesTable
 from .journal import JournalState
 from .piwigo import row_path
-from .spool import Entry
+from .spool import REQUEUE_HEADER, Entry, iter_entries, move_done
 
 ALREADY_UPLOADED = frozenset({"uploaded", "already_present", "duplicate"})
 ALREADY_QUEUED = frozenset({"pending"})
@@ -33,6 +34,8 @@ class Verdict:
     def report_line(self) -> str:
         """Return the entry's line for the list's report."""
         result = f"rejected: {self.reason}" if self.outcome == "rejected" else self.outcome
+        if self.outcome == "queued" and self.reason:
+            result += f" ({self.reason})"
         if self.row is not None and self.outcome != "rejected":
             result += f" (image {self.row.id}, {self.row.path})"
         return f"line {self.entry.line}: {self.entry.text}\t{result}"
@@ -78,12 +81,14 @@ class Gallery:
         return None
 
 
-def resolve_entries(entries: list[Entry], gallery: Gallery, table: ImagesTable, state: JournalState) -> list[Verdict]:
+def resolve_entries(entries: list[Entry], gallery: Gallery, table: ImagesTable, state: JournalState, requeue: bool = False) -> list[Verdict]:
     """Decide what to do with each entry of a chunk of a list, in order.
 
     An entry is queued when it names a regular file inside the gallery that has an images row
-    and is neither uploaded nor queued already (earlier entries of the same chunk count).
-    Raises DatabaseError when the table cannot be read; nothing is decided then.
+    and is neither uploaded nor queued already (earlier entries of the same chunk count). With
+    `requeue` (a list `s3watch verify --requeue` wrote for objects missing from the bucket),
+    uploaded photos are queued again. Raises DatabaseError when the table cannot be read;
+    nothing is decided then.
     """
     paths: dict[int, str] = {}
     verdicts: dict[int, Verdict] = {}
@@ -127,7 +132,10 @@ def resolve_entries(entries: list[Entry], gallery: Gallery, table: ImagesTable, 
             continue
 
         upload = state.uploads.get(path)
-        if upload is not None and upload.status in ALREADY_UPLOADED:
+        if requeue and upload is not None and upload.status == "uploaded" and path not in queued_now:
+            queued_now.add(path)
+            result.append(Verdict(entry, "queued", "requeued: the object was missing from the bucket", row=row))
+        elif upload is not None and upload.status in ALREADY_UPLOADED:
             result.append(Verdict(entry, "already uploaded", row=row))
         elif (upload is not None and upload.status in ALREADY_QUEUED) or path in queued_now:
             result.append(Verdict(entry, "already queued", row=row))
@@ -152,3 +160,60 @@ def album_with_descendants(tree: dict[int, int | None], album: int) -> list[int]
         found.append(current)
         stack.extend(children.get(current, []))
     return sorted(found)
+
+
+class ListRun:
+    """A list being processed: its entries read a chunk at a time, and its report written as it goes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.report_path = path.with_name(f".{path.name}.report.partial")
+        fd = os.open(self.report_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        self._report = os.fdopen(fd, "w", encoding="utf-8")
+        self._report.write(f"# s3watch report for {path.name}\n")
+        self._entries = iter_entries(path)
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            self.requeue = handle.readline().strip().lstrip("\ufeff") == REQUEUE_HEADER
+        self._pushed_back: list[Entry] = []
+        self.finished = False
+        self.counts = {"queued": 0, "already_uploaded": 0, "already_queued": 0, "rejected": 0}
+
+    def gallery_for(self, config: Config) -> Gallery:
+        """Return the gallery the entries are resolved against."""
+        return Gallery(config.piwigo.root, config.piwigo.upload_dir)
+
+    def next_entries(self, count: int) -> list[Entry]:
+        """Return up to `count` further entries; sets `finished` when the list is exhausted."""
+        entries = self._pushed_back[:count]
+        self._pushed_back = self._pushed_back[count:]
+        while len(entries) < count:
+            entry = next(self._entries, None)
+            if entry is None:
+                self.finished = not self._pushed_back
+                break
+            entries.append(entry)
+        return entries
+
+    def rewind(self, entries: list[Entry]) -> None:
+        """Put entries back, to be taken again (after a database failure)."""
+        self._pushed_back = entries + self._pushed_back
+        self.finished = False
+
+    def report(self, verdict: Verdict) -> None:
+        """Add an entry's outcome to the report."""
+        self._report.write(verdict.report_line() + "\n")
+        self.counts[verdict.outcome.replace(" ", "_")] += 1
+
+    def finish(self) -> Path:
+        """Complete the report and move the list and its report to done/. Returns the list's new path."""
+        counts = ", ".join(f"{count} {name.replace('_', ' ')}" for name, count in self.counts.items())
+        self._report.write(f"# {counts}\n")
+        self._report.flush()
+        os.fsync(self._report.fileno())
+        self._report.close()
+        return move_done(self.path, self.report_path)
+
+    def close(self) -> None:
+        """Drop an unfinished run; the list stays in the spool and is processed again from the start."""
+        self._report.close()
+        self.report_path.unlink(missing_ok=True)

@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     url = commands.add_parser("url", help="print the download link of an uploaded photo, or why it is not uploaded")
     url.add_argument("entry", metavar="ENTRY", help="a photo's path as Piwigo stores it, an absolute path inside the gallery, or id:1234")
 
+    verify = commands.add_parser("verify", help="check that every uploaded photo is in the bucket with its recorded size and md5; exit 1 if not")
+    verify.add_argument("--requeue", action="store_true", help="queue the missing ones again (through the spool directory)")
+
     journal = commands.add_parser("journal", help="journal maintenance")
     journal_commands = journal.add_subparsers(dest="journal_command", metavar="ACTION")
     journal_commands.required = True
@@ -97,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
             from .commands import backfill
 
             return backfill(config, arguments)
+        if arguments.command == "verify":
+            from .verify import verify
+
+            return verify(config, arguments.requeue)
         if arguments.command == "url":
             from .commands import url
 

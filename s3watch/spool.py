@@ -17,6 +17,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Iterator
 
+# First line of a list that queues uploaded photos again (written by `s3watch verify --requeue`).
+REQUEUE_HEADER = "# s3watch: requeue missing objects"
 DONE = "done"
 FAILED = "failed"
 BOM = "\ufeff"
@@ -106,10 +108,11 @@ def iter_entries(path: Path, start_line: int = 1) -> Iterator[Entry]:
                 yield entry
 
 
-def write_list(spool_dir: Path, entries: Iterable[str]) -> tuple[Path, int]:
+def write_list(spool_dir: Path, entries: Iterable[str], header: str | None = None) -> tuple[Path, int]:
     """Write entries as a new list in the spool directory, atomically (temporary name, fsync, rename).
 
-    Returns the list's path and the number of entries. Raises SpoolError.
+    `header` becomes the list's first line. Returns the list's path and the number of entries.
+    Raises SpoolError.
     """
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
     name = f"{stamp}-{secrets.token_hex(4)}.list"
@@ -119,6 +122,8 @@ def write_list(spool_dir: Path, entries: Iterable[str]) -> tuple[Path, int]:
         spool_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            if header is not None:
+                handle.write(header + "\n")
             for entry in entries:
                 entry = entry.strip()
                 if "\n" in entry or "\r" in entry:

@@ -293,3 +293,31 @@ def test_long_list_does_not_stall_monitoring(setup: Setup, agent: AgentProcess, 
     wait_for(lambda: setup.upload_status(path) == "uploaded", what="a monitored photo during the list")
     report = report_of(setup, "long.list")
     assert report.count("rejected: no such file") == 30_000
+
+
+def test_verify_finds_deleted_and_altered_objects(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation, seaweed: SeaweedFS, bucket: str) -> None:
+    agent.start()
+    paths = [photo(piwigo, number)[1] for number in range(5)]
+    for path in paths:
+        wait_for(lambda: setup.upload_status(path) == "uploaded", what=f"{path}")
+
+    clean = run_cli("--config", str(setup.path), "verify")
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    assert "checked 5 uploaded objects: 5 as recorded, 0 missing, 0 different" in clean.stdout
+
+    client = seaweed.client()
+    client.delete_object(Bucket=bucket, Key=paths[0])  # type: ignore[attr-defined]
+    client.delete_object(Bucket=bucket, Key=paths[1])  # type: ignore[attr-defined]
+    client.put_object(Bucket=bucket, Key=paths[2], Body=b"altered behind the agent's back")  # type: ignore[attr-defined]
+    result = run_cli("--config", str(setup.path), "verify")
+    assert result.returncode == 1
+    assert "checked 5 uploaded objects: 2 as recorded, 2 missing, 1 different" in result.stdout
+    reported = {line.split()[1]: line.split()[0] for line in result.stdout.splitlines() if line.startswith(("missing", "different"))}
+    assert reported == {paths[0]: "missing", paths[1]: "missing", paths[2]: "different"}
+
+    requeued = run_cli("--config", str(setup.path), "verify", "--requeue")
+    assert requeued.returncode == 1
+    assert "queued 2 missing objects again" in requeued.stdout
+    wait_for(lambda: run_cli("--config", str(setup.path), "verify").stdout.count("missing ") == 0, what="the missing objects to be uploaded again")
+    final = run_cli("--config", str(setup.path), "verify")
+    assert "checked 5 uploaded objects: 4 as recorded, 0 missing, 1 different" in final.stdout
