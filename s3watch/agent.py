@@ -24,7 +24,7 @@ import structlog
 
 from .batch import Gallery, ListRun, resolve_entries
 from .config import Config, ConfigError, load_config
-from .database import DatabaseError, FormatRow, ImageRow, ImagesTable, TableMissing
+from .database import DatabaseError, DatabaseUnreachable, FormatRow, ImageRow, ImagesTable, TableMissing
 from .journal import Journal, JournalError, Upload
 from .logs import configure_logging
 from .matcher import Matcher
@@ -33,7 +33,7 @@ from .originals import CaptureSkipped, Originals
 from .piwigo import database_settings, format_path, gallery_path, is_format_file, is_original
 from .sdnotify import Notifier
 from .spool import SpoolError, check_list, find_lists, move_failed
-from .uploader import DuplicateIndex, Outcome, Uploader, UploadFailed, UploadRequest, object_key
+from .uploader import FILE_BUSY_CODE, DuplicateIndex, Outcome, Uploader, UploadFailed, UploadRequest, object_key
 from .watcher import UploadWatcher, WatchError
 
 log = structlog.get_logger("s3watch.agent")
@@ -47,6 +47,8 @@ POLL_BATCH = 1000  # rows read per table poll
 LIST_CHUNK = 500  # list entries resolved per loop turn, so a long list never stalls monitoring
 STOP_DEADLINE = 20.0  # seconds uploads in flight get to finish on SIGTERM; below systemd's default 90 s stop timeout
 COMPACT_CHECK_INTERVAL = 60.0
+FILE_BUSY_RETRY = 10.0  # seconds before a file that was still changing is tried again
+JOURNAL_RETRY_INTERVAL = 5.0  # seconds between attempts to write the journal while the disk refuses
 METRICS_INTERVAL = 5.0  # seconds between updates of the gauges that need a scan
 
 
@@ -74,6 +76,12 @@ def acquire_lock(state_dir: Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def _http_status(code: str | None) -> int | None:
+    """Return the HTTP status of a failure code such as failed_code_503 (0: no connection), or None for a local failure."""
+    number = str(code).rsplit("_", 1)[-1]
+    return int(number) if number.isdigit() else None
 
 
 def _epoch(iso: str) -> float:
@@ -106,6 +114,8 @@ class Agent:
         self.ready_batch: deque[str] = deque()  # the same for lists and tags; dispatched after `ready`
         self.current_list: ListRun | None = None
         self.next_spool_check = 0.0
+        self.journal_failing = False  # set while the state directory refuses writes
+        self.next_journal_retry = 0.0
         self.originals = Originals(config.state_dir, config.uploads.originals_cap)
         self.original_resize = False  # Piwigo's "resize after upload", read from its config table
         self.captures_to_delete: list[str] = []  # copies on arrival to delete once the journal is committed
@@ -138,6 +148,7 @@ class Agent:
         Raises AgentError, JournalError or DatabaseError when it cannot start.
         """
         config = self.config
+        self._connect_database()  # a wrong password or table fails here, before anything is written
         lock_fd = acquire_lock(config.state_dir)
         try:
             self.journal = Journal(config.journal_path)
@@ -167,7 +178,10 @@ class Agent:
             if self.watcher is not None:
                 self.watcher.stop()
             if self.journal is not None:
-                self.journal.close()
+                try:
+                    self.journal.close()
+                except JournalError:
+                    pass  # logged by _shutdown; the journal on disk stays consistent
             if self.table is not None:
                 self.table.close()
             os.close(lock_fd)
@@ -191,20 +205,22 @@ class Agent:
         if deleted:
             log.info("originals_cleaned", deleted=deleted, kept=len(referenced))
 
-    def _start_database(self) -> None:
-        """Connect to the images table and set the poll cursor on a first start.
+    def _connect_database(self) -> None:
+        """Connect to the images table.
 
         An unreachable server is waited for, because it may start after the agent at boot. A
         refused login or a missing table is a configuration error and raises DatabaseError.
         """
-        assert self.journal is not None
         self.table = ImagesTable(database_settings(self.config))
         try:
             self.table.connect()
-        except DatabaseError as error:
-            if "could not be reached" not in str(error):
-                raise
+        except DatabaseUnreachable as error:
             self._database_unavailable(error)
+
+    def _start_database(self) -> None:
+        """Set the poll cursor on a first start, and read Piwigo's settings, once the database answers."""
+        assert self.journal is not None and self.table is not None
+        if self.database_down:
             return
         if self.journal.state.cursor is None:
             # A first start queues only photos added from now on; older ones are for batch mode.
@@ -274,7 +290,7 @@ class Agent:
         deadline = time.monotonic() + STOP_DEADLINE
         while self.in_flight and time.monotonic() < deadline:
             self._handle_messages(timeout=min(0.5, max(0.0, deadline - time.monotonic())))
-            self.journal.commit()
+            self._commit(time.time())
         if self.in_flight:
             # Abandoned uploads stay pending in the journal; the next start sends them again,
             # and a conditional write keeps a finished one from being written twice.
@@ -282,8 +298,11 @@ class Agent:
             log.warning("stop_deadline_passed", abandoned=len(self.in_flight))
         self.workers.shutdown(wait=True, cancel_futures=True)
         self._handle_messages(timeout=0)
-        self.journal.commit()
-        self._delete_captures()
+        self.next_journal_retry = 0.0
+        if self._commit(time.time()):
+            self._delete_captures()
+        else:
+            log.error("journal_not_saved", hint="the last outcomes could not be recorded; their photos are checked again at the next start")
         log.info("stopped")
 
     # The loop -----------------------------------------------------------------------------
@@ -307,10 +326,10 @@ class Agent:
             if self.config.batch.tag and now >= self.next_tag_poll:
                 self._poll_tag(now)
             self._release_retries(now)
-            self._commit()
-            self._delete_captures()
-            self._dispatch(now)
-            self._process_spool(now)
+            if self._commit(now):
+                self._delete_captures()
+                self._dispatch(now)
+                self._process_spool(now)
             if now >= self.next_compaction_check:
                 self._compact_if_needed(now)
             self._report_health(now)
@@ -331,6 +350,8 @@ class Agent:
             deadlines.append(self.probe_at)
         if self.watchdog_interval is not None:
             deadlines.append(self.next_watchdog)
+        if self.journal_failing:
+            deadlines.append(self.next_journal_retry)
         return max(0.0, min(min(deadlines) - now, 5.0))
 
     def _report_health(self, now: float) -> None:
@@ -399,18 +420,28 @@ class Agent:
             self.originals.delete(name)
         self.captures_to_delete.clear()
 
-    def _commit(self) -> None:
-        """Make the records of this turn durable before anything is acted on."""
+    def _commit(self, now: float) -> bool:
+        """Make the records of this turn durable before anything is acted on. Returns whether they are.
+
+        While the state directory is full or read-only, nothing is dispatched, the records wait
+        in memory, and the commit is tried again every few seconds; the loop goes on meanwhile,
+        so the watchdog keeps being pinged.
+        """
         assert self.journal is not None
-        while True:
-            try:
-                self.journal.commit()
-                return
-            except JournalError as error:
-                # Nothing is dispatched until the journal can record it; wait for space to return.
-                log.error("journal_write_failed", error=str(error))
-                if self.stop_event.wait(5.0):
-                    raise
+        if self.journal_failing and now < self.next_journal_retry:
+            return False
+        try:
+            self.journal.commit()
+        except JournalError as error:
+            if not self.journal_failing:
+                log.error("journal_write_failed", error=str(error), hint="uploads wait until the journal can be written again")
+            self.journal_failing = True
+            self.next_journal_retry = now + JOURNAL_RETRY_INTERVAL
+            return False
+        if self.journal_failing:
+            log.info("journal_writable", hint="uploads go on")
+            self.journal_failing = False
+        return True
 
     # Event -> match -----------------------------------------------------------------------
 
@@ -662,7 +693,8 @@ class Agent:
             self._queue_formats_of([v.row.id for v in verdicts if v.outcome == "queued" and v.row is not None], "batch")
         if run.finished:
             # The queued records must be durable before the list leaves the spool.
-            self._commit()
+            if not self._commit(time.time()):
+                return
             try:
                 moved = run.finish()
             except OSError as error:
@@ -739,8 +771,10 @@ class Agent:
             try:
                 key = object_key(self.config.s3.key_template, self.config.s3.prefix, path, upload.image_id, upload.row_md5)
             except ValueError as error:
+                # Reported, not mangled: a reload with another key template or prefix may fix it.
                 self.journal.append("failed", path, code="failed_code_400", error=str(error), attempts=upload.attempts)
                 log.error("invalid_key", path=path, error=str(error))
+                self.retry_at[path] = now + self.config.uploads.retry_interval
                 continue
             request = self._request(upload, key)
             self.in_flight.add(path)
@@ -804,10 +838,12 @@ class Agent:
             self.journal.append("failed", outcome.path, code=outcome.code, error=outcome.error, attempts=attempts)
             log.warning("upload_failed", path=outcome.path, image_id=upload.image_id if upload else None, key=outcome.key,
                         code=outcome.code, error=outcome.error, attempts=attempts)
-            status = int(str(outcome.code).rsplit("_", 1)[-1])
-            if status in STORE_WIDE_STATUSES or status >= 500:
+            status = _http_status(outcome.code)
+            if status is not None and (status in STORE_WIDE_STATUSES or status >= 500):
                 self._block(outcome.code or "failed_code_0", now)
                 self._line_for(upload.source if upload else None).appendleft(outcome.path)
+            elif outcome.code == FILE_BUSY_CODE:
+                self.retry_at[outcome.path] = now + min(FILE_BUSY_RETRY, self.config.uploads.retry_interval)
             else:
                 self.retry_at[outcome.path] = now + self.config.uploads.retry_interval
             return

@@ -84,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         if arguments.command == "config":
             return _generate(arguments.output)
         config = load_config(_config_path(arguments))
+        from .config import exposed_secret_warning, holds_secret
+
+        warning = exposed_secret_warning(config, holds_secret(config))
+        if warning:
+            print(f"s3watch: warning: {warning}", file=sys.stderr)
         if arguments.command == "run":
             return _run(config)
         if arguments.command == "check":

@@ -466,6 +466,28 @@ def load_config(path: Path) -> Config:
     return config
 
 
+def exposed_secret_warning(config: Config, text_has_secret: bool) -> str | None:
+    """Return a warning when the configuration file holds a secret and other users may read it."""
+    try:
+        mode = config.source.stat().st_mode
+    except OSError:
+        return None
+    if text_has_secret and mode & 0o004:
+        return (f"{config.source} contains a secret and is readable by every user: "
+                f"run chmod 640 {config.source} (and chgrp it to the service's group)")
+    return None
+
+
+def holds_secret(config: Config) -> bool:
+    """Tell whether the YAML itself (not a systemd credential) holds the S3 secret or a database password."""
+    from urllib.parse import urlsplit
+
+    if read_credential("s3_secret_access_key") is None and config.s3.secret_access_key:
+        return True
+    database = config.piwigo.database
+    return database is not None and bool(urlsplit(database.url).password)
+
+
 # systemd credentials (LoadCredential=) s3watch reads from $CREDENTIALS_DIRECTORY, so that no
 # secret needs to sit in the YAML file.
 CREDENTIAL_NAMES = ("s3_access_key_id", "s3_secret_access_key", "db_password")

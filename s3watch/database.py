@@ -16,6 +16,10 @@ class DatabaseError(Exception):
     """The database could not be reached or queried; the message names the failure and the fix."""
 
 
+class DatabaseUnreachable(DatabaseError):
+    """The database server did not answer: it may be down or restarting, so callers wait for it."""
+
+
 class TableMissing(DatabaseError):
     """A table that only some Piwigo versions have (config, image_format) does not exist."""
 
@@ -84,7 +88,7 @@ class ImagesTable:
                     autocommit=True,
                 )
         except pymysql.err.OperationalError as error:
-            raise DatabaseError(_explain_mysql_error(error, settings)) from None
+            raise _mysql_error(error, settings) from None
         except sqlite3.Error as error:
             raise DatabaseError(f"could not open SQLite database {settings.sqlite_path}: {error}") from None
 
@@ -252,7 +256,7 @@ class ImagesTable:
             except (pymysql.err.OperationalError, pymysql.err.InterfaceError) as error:
                 self.close()
                 if attempt == 2:
-                    raise DatabaseError(_explain_mysql_error(error, self.settings)) from None
+                    raise _mysql_error(error, self.settings) from None
             except pymysql.err.ProgrammingError as error:
                 if optional_table and error.args and error.args[0] == 1146:
                     raise TableMissing(str(error.args[-1])) from None
@@ -277,6 +281,16 @@ def _image(row: tuple[Any, ...]) -> ImageRow:
 
 def _format(row: tuple[Any, ...]) -> FormatRow:
     return FormatRow(format_id=int(row[0]), image_id=int(row[1]), ext=str(row[2]).lower(), photo_path=row_path(str(row[3])))
+
+
+UNREACHABLE_CODES = (2002, 2003, 2006, 2013, 2055)  # client errors: no connection, or it was lost
+
+
+def _mysql_error(error: Exception, settings: DatabaseSettings) -> DatabaseError:
+    """Return the DatabaseError (DatabaseUnreachable when the server did not answer) for a PyMySQL error."""
+    code = error.args[0] if error.args and isinstance(error.args[0], int) else None
+    message = _explain_mysql_error(error, settings)
+    return DatabaseUnreachable(message) if code in UNREACHABLE_CODES or code is None else DatabaseError(message)
 
 
 def _explain_mysql_error(error: Exception, settings: DatabaseSettings) -> str:

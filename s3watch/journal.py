@@ -189,7 +189,7 @@ class Journal:
             # Drop a torn last line so that the next record does not glue onto it.
             os.ftruncate(fd, valid_length)
             os.fsync(fd)
-        os.lseek(fd, 0, os.SEEK_END)
+        self._durable_size = os.lseek(fd, 0, os.SEEK_END)
         self._fd = fd
         if valid_length == 0:
             self.append(HEADER_EVENT, version=JOURNAL_VERSION)
@@ -217,25 +217,18 @@ class Journal:
         try:
             written = 0
             while written < len(data):
-                written += os.write(self._fd, data[written:])
+                written += os.pwrite(self._fd, data[written:], self._durable_size + written)
             os.fsync(self._fd)
         except OSError as error:
-            # Cut back to the last durable record so that a retry does not leave half a line.
-            self._truncate_to_durable()
+            # Cut back to the last durable record: the retry writes the whole buffer again, and
+            # neither half a line nor a record twice may stay behind.
+            try:
+                os.ftruncate(self._fd, self._durable_size)
+            except OSError:
+                pass
             raise JournalError(f"journal {self.path} could not be written ({error.strerror}): free space in the state directory or fix its permissions") from None
+        self._durable_size += len(data)
         self._buffer.clear()
-
-    def _truncate_to_durable(self) -> None:
-        try:
-            end = os.lseek(self._fd, 0, os.SEEK_END)
-            # The durable part ends at the last newline; search back at most a buffer's size.
-            os.lseek(self._fd, max(0, end - 1_048_576), os.SEEK_SET)
-            tail = os.read(self._fd, 1_048_576)
-            cut = end - len(tail) + tail.rfind(b"\n") + 1 if b"\n" in tail else end - len(tail)
-            os.ftruncate(self._fd, cut)
-            os.lseek(self._fd, 0, os.SEEK_END)
-        except OSError:
-            pass
 
     def needs_compaction(self) -> bool:
         """Whether the file has grown well past one record per upload."""
@@ -277,7 +270,8 @@ class Journal:
             raise JournalError(f"journal {self.path} could not be compacted ({error.strerror}): free space in the state directory") from None
 
         os.close(self._fd)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        self._fd = os.open(self.path, os.O_WRONLY)
+        self._durable_size = os.lseek(self._fd, 0, os.SEEK_END)
         state.records = len(lines)
         self._appended_since_compaction = 0
 

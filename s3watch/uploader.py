@@ -54,6 +54,16 @@ class FileGone(Exception):
     """The file is no longer there, or is no longer a regular file inside the gallery."""
 
 
+# A file that changed while it was read, or changed a moment ago and does not match its row:
+# it may still be being written, so it is not uploaded yet.
+FILE_BUSY_CODE = "failed_file_busy"
+SETTLE_SECONDS = 2.0
+
+
+class FileBusy(Exception):
+    """The file is still changing; the message says how."""
+
+
 @dataclass(frozen=True)
 class UploadRequest:
     """One photo to upload: its gallery path, image id, object key and the row's md5sum."""
@@ -333,7 +343,7 @@ class Uploader:
         retrying = Retrying(
             stop=stop_any(stop_after_attempt(self.uploads.attempts), lambda _state: self._stop.is_set()),
             wait=wait_random_exponential(multiplier=0.5, max=30),
-            retry=retry_if_exception(lambda error: isinstance(error, UploadFailed) and error.transient),
+            retry=retry_if_exception(lambda error: isinstance(error, FileBusy) or (isinstance(error, UploadFailed) and error.transient)),
             before=count,
             before_sleep=log_retry,
             sleep=self._stop.wait,
@@ -346,6 +356,9 @@ class Uploader:
                            transient=failure.transient, attempts=attempts, ms=_ms_since(started))
         except FileGone as gone:
             return Outcome(path=request.path, event="gone", key=request.key, error=str(gone), attempts=attempts, ms=_ms_since(started))
+        except FileBusy as busy:
+            return Outcome(path=request.path, event="failed", key=request.key, code=FILE_BUSY_CODE, error=str(busy),
+                           transient=True, attempts=attempts, ms=_ms_since(started))
         return Outcome(**{**outcome.__dict__, "attempts": attempts, "ms": _ms_since(started)})
 
     def _attempt(self, request: UploadRequest, duplicates: DuplicateIndex | None) -> Outcome:
@@ -404,7 +417,15 @@ class Uploader:
             note = None
 
         handle, _size = open_original(self.root, request.path)
+        before = os.fstat(handle.fileno())
         md5, size = _file_md5(handle)
+        after = os.fstat(handle.fileno())
+        if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns) or size != after.st_size:
+            handle.close()
+            raise FileBusy(f"{request.path} changed while it was read")
+        if request.row_md5 and md5 != request.row_md5 and time.time() - after.st_mtime < SETTLE_SECONDS:
+            handle.close()
+            raise FileBusy(f"{request.path} changed less than {SETTLE_SECONDS:g} s ago and does not match its images row")
         handle.seek(0)
         return handle, md5, size, note
 
