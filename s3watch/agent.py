@@ -503,7 +503,9 @@ class Agent:
             self._database_back()
         except DatabaseError as error:
             self._database_unavailable(error)
-            rows = {}
+            for path in due:
+                self.matcher.postpone(path, now)
+            return
         for path in due:
             row = rows.get(path)
             if row is not None:

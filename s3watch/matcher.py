@@ -77,6 +77,20 @@ class Matcher:
         heapq.heappush(self._heap, entry)
         return True
 
+    def postpone(self, path: str, now: float) -> None:
+        """Schedule another look-up of `path` after a look-up that could not be made (database down).
+
+        The time since the previous look-up does not count toward the match timeout, so an
+        outage never turns a file into a false "unmatched".
+        """
+        entry = self._waiting.get(path)
+        if entry is None:
+            return
+        previous = entry.due - entry.delay
+        entry.seen += max(0.0, now - previous)
+        entry.due = now + entry.delay
+        heapq.heappush(self._heap, entry)
+
     def next_due(self) -> float | None:
         """Return when the next look-up is due, or None when nothing waits."""
         while self._heap and self._waiting.get(self._heap[0].path) is not self._heap[0]:

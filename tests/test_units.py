@@ -147,3 +147,13 @@ def test_matcher_backs_off_then_gives_up() -> None:
             break
     assert "a" not in matcher
     assert matcher.next_due() is None
+
+
+def test_matcher_postpone_does_not_count_outage() -> None:
+    matcher = Matcher(match_timeout=3)
+    matcher.add("a", seen=100.0, now=100.0)
+    assert matcher.due(100.05) == ["a"]
+    matcher.postpone("a", 150.0)  # the database was down for 50 s
+    assert matcher.due(150.1) == ["a"]
+    assert matcher.retry("a", 150.1)
+    assert "a" in matcher
