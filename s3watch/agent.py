@@ -115,6 +115,7 @@ class Agent:
         self.current_list: ListRun | None = None
         self.next_spool_check = 0.0
         self.journal_failing = False  # set while the state directory refuses writes
+        self.watch_limit_reported = False
         self.next_journal_retry = 0.0
         self.originals = Originals(config.state_dir, config.uploads.originals_cap)
         self.original_resize = False  # Piwigo's "resize after upload", read from its config table
@@ -161,7 +162,7 @@ class Agent:
             self.workers.submit(self._check_store)
             self._create_spool_dir()
             self._restore_queue()
-            self._start_watcher()
+            self._start_watcher_if_upload_dir_appeared()
             self._install_signal_handlers()
             self._start_metrics()
             log.info(
@@ -253,7 +254,8 @@ class Agent:
         if not upload_path.is_dir():
             # Piwigo creates the upload directory at the first upload; the poll tick looks again.
             return
-        watcher = UploadWatcher(upload_path, on_file=lambda path: self.inbox.put(("file", path)), on_events_lost=lambda: self.inbox.put(("lost", None)))
+        watcher = UploadWatcher(upload_path, on_file=lambda path: self.inbox.put(("file", path)), on_events_lost=lambda: self.inbox.put(("lost", None)),
+                                on_watch_limit=lambda message: self.inbox.put(("watch_limit", message)))
         watcher.start()
         self.watcher = watcher
         log.info("watching", upload_dir=str(upload_path))
@@ -410,6 +412,11 @@ class Agent:
             elif kind == "lost":
                 log.warning("events_lost", hint="the kernel's inotify queue overflowed; polling the images table now")
                 self.next_poll = 0.0
+            elif kind == "watch_limit" and not self.watch_limit_reported:
+                self.watch_limit_reported = True
+                log.warning("watch_limit_reached", error=value,
+                            hint=f"raise fs.inotify.max_user_watches (sysctl -w fs.inotify.max_user_watches=524288); until then new photos "
+                                 f"in unwatched folders are found by the table poll every {self.config.monitor.poll_interval:g} s")
             try:
                 message = self.inbox.get_nowait()
             except queue.Empty:

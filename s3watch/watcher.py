@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 from pathlib import Path
 from typing import Callable
@@ -57,28 +58,47 @@ class _Handler(FileSystemEventHandler):
                 self.on_file(os.path.join(current, name))
 
 
+class _WatchLimitHandler(logging.Handler):
+    """Catches watchdog's warning that a folder below the root could not be watched (watch limit reached)."""
+
+    def __init__(self, on_watch_limit: Callable[[str], None]) -> None:
+        super().__init__(level=logging.WARNING)
+        self.on_watch_limit = on_watch_limit
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "Unable to watch" in message:
+            self.on_watch_limit(message)
+
+
 class UploadWatcher:
     """A recursive inotify watch on the upload directory.
 
     `on_file` is called from watchdog's thread with the absolute path of every file created,
     moved in or closed after writing, including files in folders created later. The same path
     may be reported several times: the caller coalesces. `on_events_lost` is called when the
-    kernel's event queue overflowed.
+    kernel's event queue overflowed, and `on_watch_limit` when a folder could not be watched.
     """
 
-    def __init__(self, upload_path: Path, on_file: Callable[[str], None], on_events_lost: Callable[[], None]) -> None:
+    def __init__(self, upload_path: Path, on_file: Callable[[str], None], on_events_lost: Callable[[], None],
+                 on_watch_limit: Callable[[str], None] | None = None) -> None:
         self.upload_path = upload_path
         self._handler = _Handler(on_file, on_events_lost)
         self._observer: InotifyObserver | None = None
+        # watchdog only logs a sub-folder it could not watch; this turns the log record into a call.
+        self._limit_handler = _WatchLimitHandler(on_watch_limit or (lambda _message: None))
+        self._watchdog_logger = logging.getLogger("watchdog.observers.inotify")
 
     def start(self) -> None:
         """Start watching. Raises WatchError when inotify refuses, naming the limit to raise."""
         observer = InotifyObserver()
+        self._watchdog_logger.addHandler(self._limit_handler)
         try:
             observer.schedule(self._handler, str(self.upload_path), recursive=True)
             observer.start()
         except OSError as error:
             observer.stop()
+            self._watchdog_logger.removeHandler(self._limit_handler)
             if error.errno == errno.ENOSPC:
                 raise WatchError(
                     f"inotify watch limit reached while watching {self.upload_path}: "
@@ -100,3 +120,4 @@ class UploadWatcher:
             self._observer.stop()
             self._observer.join(timeout=10)
             self._observer = None
+        self._watchdog_logger.removeHandler(self._limit_handler)

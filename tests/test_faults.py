@@ -341,3 +341,77 @@ def test_config_readable_by_others_with_secret_warns(setup: Setup) -> None:
     assert f"s3watch: warning: {setup.path} contains a secret and is readable by every user" in result.stderr
     setup.path.chmod(0o640)
     assert "warning" not in run_cli("--config", str(setup.path), "status").stderr
+
+
+INOTIFY = Path("/proc/sys/fs/inotify")
+
+
+def set_inotify_limit(name: str, value: int) -> int | None:
+    """Set a kernel inotify limit; return the old value, or None when this process may not."""
+    path = INOTIFY / name
+    try:
+        old = int(path.read_text())
+        path.write_text(str(value))
+    except OSError:
+        return None
+    return old
+
+
+def test_event_queue_overflow_loses_no_photo(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation) -> None:
+    setup.update("monitor", poll_interval=2)
+    old = set_inotify_limit("max_queued_events", 16)
+    if old is None:
+        pytest.skip("changing fs.inotify.max_queued_events needs root")
+    try:
+        agent.start()  # its inotify instance gets the small queue
+    finally:
+        set_inotify_limit("max_queued_events", old)
+    paths = [piwigo.add_photo(sample_photo(number))[1] for number in range(150)]
+
+    for path in paths:
+        wait_for(lambda: setup.upload_status(path) == "uploaded", timeout=120, what=f"{path} after the overflow")
+    assert "events_lost" in agent.log()
+
+
+def test_watch_limit_is_reported_and_photos_still_found(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation, gallery_root: Path) -> None:
+    for day in range(1, 29):
+        (gallery_root / "upload" / "2025" / "02" / f"{day:02d}").mkdir(parents=True)
+    old = set_inotify_limit("max_user_watches", 8)
+    if old is None:
+        pytest.skip("changing fs.inotify.max_user_watches needs root")
+    try:
+        agent.start()
+        wait_for(lambda: "watch_limit_reached" in agent.log() or "watch_failed" in agent.log(), what="the watch limit to be reported")
+    finally:
+        set_inotify_limit("max_user_watches", old)
+    assert "fs.inotify.max_user_watches" in agent.log()
+
+    paths = [piwigo.add_photo(sample_photo(number))[1] for number in range(3)]
+    for path in paths:
+        wait_for(lambda: setup.upload_status(path) == "uploaded", what=f"{path} with too few watches")
+
+
+def test_folders_created_and_filled_at_once(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation, gallery_root: Path) -> None:
+    setup.update("monitor", poll_interval=30)  # the watcher, not the poll, must find these
+    agent.start()
+    wait_for(lambda: "ready" in agent.log(), what="the agent to be ready")
+    paths = []
+    for number in range(40):
+        data = sample_photo(number)
+        folder = gallery_root / "upload" / "2024" / f"{number % 12 + 1:02d}" / f"{number % 28 + 1:02d}"
+        name = f"202401{number:02d}101010-{hashlib.md5(data).hexdigest()[:8]}.jpg"
+        paths.append(_place_in(folder, name, data, gallery_root))
+        piwigo.insert_row(paths[-1], hashlib.md5(data).hexdigest(), len(data))
+    for path in paths:
+        wait_for(lambda: setup.upload_status(path) == "uploaded", what=f"{path}")
+    assert {setup.journal().uploads[path].source for path in paths} == {"monitor"}
+
+
+def _place_in(folder: Path, name: str, data: bytes, root: Path) -> str:
+    """Create a day folder and move a photo into it within a millisecond, as Piwigo does."""
+    temporary = root / "upload" / "buffer" / f"{name}.part"
+    temporary.parent.mkdir(parents=True, exist_ok=True)
+    temporary.write_bytes(data)
+    folder.mkdir(parents=True, exist_ok=True)
+    os.rename(temporary, folder / name)
+    return str((folder / name).relative_to(root))
