@@ -61,8 +61,10 @@ CREATE TABLE `{prefix}images` (
 ) ENGINE=MyISAM DEFAULT CHARSET=utf8mb3 COLLATE=utf8mb3_general_ci
 """
 
-# Secrets the whole suite uses; a test checks that none reaches any output.
+# Secrets the whole suite uses; the last test checks that none reaches any output.
 TEST_DB_PASSWORD = "db-secret-Zq8vXw"
+TEST_S3_SECRET = "test-secret-Kp3mN9"
+CLI_OUTPUTS: list[str] = []  # everything the command line printed during the session
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:
@@ -80,7 +82,7 @@ def wait_for(condition: Callable[[], Any], timeout: float = 60.0, what: str = "c
 @pytest.fixture(scope="session")
 def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
     """One SeaweedFS for the session; tests make their own buckets."""
-    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"), access_key="test-access", secret_key="test-secret-Kp3mN9")
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"), access_key="test-access", secret_key=TEST_S3_SECRET)
     server.start()
     yield server
     server.stop()
@@ -237,4 +239,6 @@ def agent(setup: Setup, tmp_path: Path) -> Iterator[AgentProcess]:
 
 def run_cli(*arguments: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     """Run the s3watch command line and return its result."""
-    return subprocess.run([sys.executable, "-m", "s3watch", *arguments], capture_output=True, text=True, input=stdin, timeout=120)
+    result = subprocess.run([sys.executable, "-m", "s3watch", *arguments], capture_output=True, text=True, input=stdin, timeout=120)
+    CLI_OUTPUTS.append(result.stdout + result.stderr)
+    return result
