@@ -44,6 +44,7 @@ log = structlog.get_logger("s3watch.agent")
 STORE_WIDE_STATUSES = frozenset({0, 301, 403, 404, 429})
 FIRST_PROBE_DELAY = 5.0  # seconds
 POLL_BATCH = 1000  # rows read per table poll
+SPOOL_CHECK_INTERVAL = 0.5  # seconds between looks at the spool directory (a directory listing)
 LIST_CHUNK = 500  # list entries resolved per loop turn, so a long list never stalls monitoring
 STOP_DEADLINE = 20.0  # seconds uploads in flight get to finish on SIGTERM; below systemd's default 90 s stop timeout
 COMPACT_CHECK_INTERVAL = 60.0
@@ -331,7 +332,8 @@ class Agent:
             if self._commit(now):
                 self._delete_captures()
                 self._dispatch(now)
-                self._process_spool(now)
+                if self._process_spool(now) and self._commit(now):
+                    self._dispatch(now)  # what the list just queued goes to idle workers now
             if now >= self.next_compaction_check:
                 self._compact_if_needed(now)
             self._report_health(now)
@@ -640,18 +642,22 @@ class Agent:
 
     # Batch mode: lists and tags -----------------------------------------------------------
 
-    def _process_spool(self, now: float) -> None:
-        """Take the next list from the spool directory, or resolve the next chunk of the current one."""
+    def _process_spool(self, now: float) -> bool:
+        """Take the next list from the spool directory, or resolve the next chunk of the current one.
+
+        Returns whether a chunk was resolved.
+        """
         if self.current_list is not None and now < self.next_list_turn:
-            return
+            return False
         if self.current_list is None:
             if now < self.next_spool_check:
-                return
-            self.next_spool_check = now + self.config.monitor.poll_interval
+                return False
+            self.next_spool_check = now + SPOOL_CHECK_INTERVAL
             self._open_next_list()
             if self.current_list is None:
-                return
+                return False
         self._resolve_chunk(self.current_list)
+        return True
 
     def _open_next_list(self) -> None:
         spool_dir = self.config.spool_dir

@@ -11,7 +11,11 @@ import heapq
 from dataclasses import dataclass, field
 
 FIRST_DELAY = 0.05  # seconds before the first look-up
-MAX_DELAY = 1.0  # cap on the delay between look-ups, so a row is found within a second
+# Piwigo inserts the row within about half a second, so look-ups stay frequent at first and a
+# row is found at most a quarter of a second after it appears; later ones come every 2 s.
+EARLY_MAX_DELAY = 0.25
+EARLY_PERIOD = 10.0  # seconds after the file was seen
+MAX_DELAY = 2.0
 
 
 @dataclass(order=True)
@@ -72,7 +76,8 @@ class Matcher:
         if now - entry.seen >= self.match_timeout:
             del self._waiting[path]
             return False
-        entry.delay = min(entry.delay * 2, MAX_DELAY)
+        cap = EARLY_MAX_DELAY if now - entry.seen < EARLY_PERIOD else MAX_DELAY
+        entry.delay = min(entry.delay * 2, cap)
         entry.due = now + entry.delay
         heapq.heappush(self._heap, entry)
         return True

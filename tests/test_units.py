@@ -133,18 +133,27 @@ def test_journal_compaction_keeps_every_upload(tmp_path: Path) -> None:
 
 
 def test_matcher_backs_off_then_gives_up() -> None:
-    matcher = Matcher(match_timeout=3)
+    matcher = Matcher(match_timeout=30)
     matcher.add("a", seen=100.0, now=100.0)
     assert matcher.due(100.0) == []
     assert matcher.due(100.06) == ["a"]
     assert matcher.retry("a", 100.06)
     assert matcher.next_due() == pytest.approx(100.16)
-    now = 100.16
-    while now - 100.0 < 3:
-        assert matcher.due(now + 1.0) == ["a"]
-        now += 1.0
+
+    # Early look-ups are at most a quarter of a second apart, later ones up to 2 s.
+    now = 100.06
+    delays = []
+    while True:
+        due = matcher.next_due()
+        assert due is not None
+        delays.append(due - now)
+        now = due
+        assert matcher.due(now) == ["a"]
         if not matcher.retry("a", now):
             break
+    assert max(delay for delay, at in zip(delays, range(len(delays))) if at < 5) <= 0.25 + 1e-9
+    assert max(delays) == pytest.approx(2.0)
+    assert now - 100.0 >= 30
     assert "a" not in matcher
     assert matcher.next_due() is None
 
