@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -106,16 +107,53 @@ class JournalState:
             self.uploads[path] = upload
         for name, value in record.items():
             if name in _UPLOAD_FIELDS:
+                if name in _SHARED_STRINGS and value is not None:
+                    value = sys.intern(value)
                 setattr(upload, name, value)
         upload.event = event
         upload.status = status
+        if status in FINISHED:
+            _share_strings(upload)
         if status == "uploaded" and upload.md5:
             self.md5_index.setdefault(upload.md5, upload.key or path)
+
+
+# Fields with few distinct values, kept once in memory however many uploads carry them.
+_SHARED_STRINGS = frozenset({"source", "bucket", "original", "kind", "code"})
+
+
+def _share_strings(upload: Upload) -> None:
+    """Let a finished upload's equal strings share one object, and drop what only pending ones need.
+
+    A million finished uploads are replayed at every start, so each saved string counts.
+    """
+    if upload.key == upload.path:
+        upload.key = upload.path
+    if upload.etag is not None and upload.etag == upload.md5:
+        upload.etag = upload.md5
+    if upload.row_md5 is not None and upload.row_md5 == upload.md5:
+        upload.row_md5 = upload.md5
+    upload.detected_ts = ""
 
 
 def now_iso() -> str:
     """Return the current UTC time as ISO 8601 with milliseconds."""
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+_scan = json.JSONDecoder().scan_once  # the C scanner, without json.loads's per-call checks
+
+
+def _decode(line: bytes) -> dict[str, Any]:
+    """Decode one journal line. Raises ValueError unless it is exactly one JSON object."""
+    text = line.decode("utf-8").rstrip("\n")
+    try:
+        record, end = _scan(text, 0)
+    except StopIteration:
+        raise ValueError("not JSON") from None
+    if end != len(text) or not isinstance(record, dict):
+        raise ValueError("not one JSON object")
+    return record
 
 
 def read_journal(path: Path) -> tuple[JournalState, int]:
@@ -145,7 +183,7 @@ def read_journal(path: Path) -> tuple[JournalState, int]:
             if not line.endswith(b"\n"):
                 break  # a torn last line: everything before it is valid
             try:
-                state.apply(json.loads(line))
+                state.apply(_decode(line))
             except (ValueError, KeyError, TypeError) as error:
                 pending_error = (
                     f"journal {path} line {number} is corrupt ({type(error).__name__}: {error}): "
