@@ -138,6 +138,7 @@ class Agent:
         self.blocked_code: str | None = None  # set while a store-wide failure pauses uploads
         self.probe_at = 0.0
         self.probe_delay = FIRST_PROBE_DELAY
+        self.probe_path: str | None = None  # the one upload sent while uploads are paused
         self.next_poll = 0.0
         self.next_compaction_check = 0.0
         self.database_down = False
@@ -793,6 +794,10 @@ class Agent:
                 continue
             request = self._request(upload, key)
             self.in_flight.add(path)
+            if self.blocked_code is not None:
+                # The probe: the next one waits a full delay, whatever this one's outcome.
+                self.probe_path = path
+                self.probe_at = now + self.probe_delay
             future = self.workers.submit(self._upload, request)
             future.add_done_callback(lambda done, path=path: self._crashed_worker(done, path))
             free -= 1
@@ -855,7 +860,7 @@ class Agent:
                         code=outcome.code, error=outcome.error, attempts=attempts)
             status = _http_status(outcome.code)
             if status is not None and (status in STORE_WIDE_STATUSES or status >= 500):
-                self._block(outcome.code or "failed_code_0", now)
+                self._block(outcome.code or "failed_code_0", now, outcome.path)
                 self._line_for(upload.source if upload else None).appendleft(outcome.path)
             elif outcome.code == FILE_BUSY_CODE:
                 self.retry_at[outcome.path] = now + min(FILE_BUSY_RETRY, self.config.uploads.retry_interval)
@@ -893,18 +898,25 @@ class Agent:
         if upload is not None and upload.capture:
             self.captures_to_delete.append(upload.capture)
 
-    def _block(self, code: str, now: float) -> None:
-        """Pause uploads after a store-wide failure; one probe upload is tried at growing intervals."""
+    def _block(self, code: str, now: float, path: str) -> None:
+        """Pause uploads after a store-wide failure; one probe upload is tried at growing intervals.
+
+        Only a failed probe doubles the delay: uploads that were already in flight when the store
+        failed end one after the other and must not push the first probe further away.
+        """
         if self.blocked_code is None:
             self.probe_delay = min(FIRST_PROBE_DELAY, self.config.uploads.retry_interval)
+            self.probe_at = now + self.probe_delay
             log.warning("uploads_paused", code=code, retry_in_s=self.probe_delay)
-        else:
+        elif path == self.probe_path:
             self.probe_delay = min(self.probe_delay * 2, self.config.uploads.retry_interval)
+            self.probe_at = now + self.probe_delay
+        if path == self.probe_path:
+            self.probe_path = None
         if code != self.blocked_code:
-            for path in [*self.ready, *self.ready_batch]:
-                self._mark_waiting(path, code)
+            for waiting in [*self.ready, *self.ready_batch]:
+                self._mark_waiting(waiting, code)
         self.blocked_code = code
-        self.probe_at = now + self.probe_delay
 
     def _mark_waiting(self, path: str, code: str) -> None:
         """Record the store's failure on an upload that waits behind it, so that status shows why it waits."""

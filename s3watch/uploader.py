@@ -295,7 +295,7 @@ class Uploader:
                 if failure.status == 412:
                     self.conditional_writes = True
                     return True
-                if failure.status in (400, 501):
+                if failure.status == 501 or (failure.status == 400 and not failure.transient):
                     break  # the store rejects the header: it does not implement conditional writes
                 raise failure from None
             except Exception as error:  # noqa: BLE001 - classify_error re-raises what it does not know
