@@ -24,6 +24,7 @@ import botocore.exceptions
 import pymysql
 import yaml
 
+from s3watch.demo import PIWIGO_IMAGES_TABLE
 from s3watch.journal import FINISHED, JournalState, read_journal
 from s3watch.seaweed import SeaweedFS
 
@@ -36,38 +37,6 @@ MARIADB = {
 }
 TABLE_PREFIX = "piwigo_"
 
-# Piwigo's own images table, as `SHOW CREATE TABLE` printed it on a Piwigo 17 gallery with
-# MariaDB 10.11 (the same statement as in tests/conftest.py).
-PIWIGO_IMAGES_TABLE = """
-CREATE TABLE `{prefix}images` (
-  `id` mediumint(8) unsigned NOT NULL AUTO_INCREMENT,
-  `file` varchar(255) CHARACTER SET utf8mb3 COLLATE utf8mb3_bin NOT NULL DEFAULT '',
-  `date_available` datetime NOT NULL DEFAULT '1970-01-01 00:00:00',
-  `date_creation` datetime DEFAULT NULL,
-  `name` varchar(255) DEFAULT NULL,
-  `comment` text DEFAULT NULL,
-  `author` varchar(255) DEFAULT NULL,
-  `hit` int(10) unsigned NOT NULL DEFAULT 0,
-  `filesize` mediumint(9) unsigned DEFAULT NULL,
-  `width` smallint(9) unsigned DEFAULT NULL,
-  `height` smallint(9) unsigned DEFAULT NULL,
-  `coi` char(4) DEFAULT NULL,
-  `representative_ext` varchar(4) DEFAULT NULL,
-  `date_metadata_update` date DEFAULT NULL,
-  `rating_score` float(5,2) unsigned DEFAULT NULL,
-  `path` varchar(255) NOT NULL DEFAULT '',
-  `storage_category_id` smallint(5) unsigned DEFAULT NULL,
-  `level` tinyint(3) unsigned NOT NULL DEFAULT 0,
-  `md5sum` char(32) DEFAULT NULL,
-  `added_by` mediumint(8) unsigned NOT NULL DEFAULT 0,
-  `rotation` tinyint(3) unsigned DEFAULT NULL,
-  `latitude` double(8,6) DEFAULT NULL,
-  `longitude` double(9,6) DEFAULT NULL,
-  `lastmodified` timestamp NULL DEFAULT current_timestamp() ON UPDATE current_timestamp(),
-  PRIMARY KEY (`id`),
-  KEY `images_i7` (`path`)
-) ENGINE=MyISAM DEFAULT CHARSET=utf8mb3 COLLATE=utf8mb3_general_ci
-"""
 
 CONTENT_POOL_BYTES = 32 * 1024 * 1024
 HEADER_BYTES = 64

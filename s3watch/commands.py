@@ -6,6 +6,7 @@ import argparse
 import itertools
 import sys
 from datetime import date, datetime
+from pathlib import Path
 from typing import Iterable, Iterator
 
 from .batch import Gallery, album_with_descendants
@@ -80,9 +81,13 @@ def enqueue(config: Config, entries: list[str], from_file: str | None) -> int:
         path.unlink(missing_ok=True)
         _error("nothing to enqueue: the input holds only blank lines and comments")
         return EXIT_USAGE
+    _announce_list(path, count)
+    return EXIT_OK
+
+
+def _announce_list(path: Path, count: int) -> None:
     print(f"wrote {count} entries to {path}")
     print(f"the agent queues them at its next look at the spool; its report will be {path.parent / 'done' / path.name}.report")
-    return EXIT_OK
 
 
 def _parse_since(text: str) -> str:
@@ -159,8 +164,7 @@ def backfill(config: Config, arguments: argparse.Namespace) -> int:
         path.unlink(missing_ok=True)
         print("0 photos selected: nothing queued")
         return EXIT_OK
-    print(f"wrote {count} entries to {path}")
-    print(f"the agent queues them at its next look at the spool; its report will be {path.parent / 'done' / path.name}.report")
+    _announce_list(path, count)
     return EXIT_OK
 
 

@@ -295,12 +295,7 @@ class Journal:
             lines.append(json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n")
 
         try:
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.write(fd, b"".join(lines))
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _write_durably(temporary, b"".join(lines))
             os.replace(temporary, self.path)
             _fsync_directory(self.path.parent)
         except OSError as error:
@@ -319,6 +314,18 @@ class Journal:
             self.commit()
         finally:
             os.close(self._fd)
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    """Write a new private file (mode 0600) and fsync it. Raises OSError."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_directory(path: Path) -> None:
@@ -356,12 +363,7 @@ def repair_journal(path: Path) -> tuple[int, int]:
     backup = path.with_name(f"{path.name}.corrupt-{stamp}")
     temporary = path.with_name(path.name + ".repair")
     try:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, b"".join(kept))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _write_durably(temporary, b"".join(kept))
         os.link(path, backup)
         os.replace(temporary, path)
         _fsync_directory(path.parent)

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from s3watch.config import load_config
-from s3watch.demo import PiwigoImitation
+from s3watch.demo import PIWIGO_IMAGES_TABLE, PiwigoImitation
 from s3watch.journal import read_journal
 from s3watch.seaweed import SeaweedFS
 from s3watch.status import build_status
@@ -29,37 +29,6 @@ MARIADB = {
     "password": os.environ.get("S3WATCH_TEST_DB_PASSWORD", ""),
 }
 
-# Piwigo's own images table, as `SHOW CREATE TABLE` printed it on a real gallery (Piwigo 17, MariaDB 10.11).
-PIWIGO_IMAGES_TABLE = """
-CREATE TABLE `{prefix}images` (
-  `id` mediumint(8) unsigned NOT NULL AUTO_INCREMENT,
-  `file` varchar(255) CHARACTER SET utf8mb3 COLLATE utf8mb3_bin NOT NULL DEFAULT '',
-  `date_available` datetime NOT NULL DEFAULT '1970-01-01 00:00:00',
-  `date_creation` datetime DEFAULT NULL,
-  `name` varchar(255) DEFAULT NULL,
-  `comment` text DEFAULT NULL,
-  `author` varchar(255) DEFAULT NULL,
-  `hit` int(10) unsigned NOT NULL DEFAULT 0,
-  `filesize` mediumint(9) unsigned DEFAULT NULL,
-  `width` smallint(9) unsigned DEFAULT NULL,
-  `height` smallint(9) unsigned DEFAULT NULL,
-  `coi` char(4) DEFAULT NULL,
-  `representative_ext` varchar(4) DEFAULT NULL,
-  `date_metadata_update` date DEFAULT NULL,
-  `rating_score` float(5,2) unsigned DEFAULT NULL,
-  `path` varchar(255) NOT NULL DEFAULT '',
-  `storage_category_id` smallint(5) unsigned DEFAULT NULL,
-  `level` tinyint(3) unsigned NOT NULL DEFAULT 0,
-  `md5sum` char(32) DEFAULT NULL,
-  `added_by` mediumint(8) unsigned NOT NULL DEFAULT 0,
-  `rotation` tinyint(3) unsigned DEFAULT NULL,
-  `latitude` double(8,6) DEFAULT NULL,
-  `longitude` double(9,6) DEFAULT NULL,
-  `lastmodified` timestamp NULL DEFAULT current_timestamp() ON UPDATE current_timestamp(),
-  PRIMARY KEY (`id`),
-  KEY `images_i7` (`path`)
-) ENGINE=MyISAM DEFAULT CHARSET=utf8mb3 COLLATE=utf8mb3_general_ci
-"""
 
 # Secrets the whole suite uses; the last test checks that none reaches any output.
 TEST_DB_PASSWORD = "db-secret-Zq8vXw"
