@@ -195,7 +195,9 @@ def run_demo(directory: Path | None, photos: int) -> int:
     work = directory or Path(tempfile.mkdtemp(prefix="s3watch-demo-"))
     work.mkdir(parents=True, exist_ok=True)
     gallery = work / "gallery"
-    gallery.mkdir(exist_ok=True)
+    # Piwigo creates upload/ at its first upload; made here so that the demo shows photos found
+    # through inotify rather than by the table poll.
+    (gallery / "upload").mkdir(parents=True, exist_ok=True)
     database = work / "piwigo.db"
     piwigo = PiwigoImitation(gallery, _sqlite_connect(database))
     piwigo.create_table()
@@ -218,7 +220,7 @@ def run_demo(directory: Path | None, photos: int) -> int:
         print(f"agent started (pid {agent.pid}); its log: {log_path}")
 
         # Photos added before the watch is in place would be found by the table poll instead.
-        _wait(lambda: "watching" in log_path.read_text(errors="replace"), 30, agent)
+        _wait(lambda: "watching" in log_path.read_text(errors="replace"), 30, agent, f"the agent to start watching {gallery / 'upload'}")
 
         for number in range(1, photos + 1):
             data = sample_photo(number, size=200_000)
@@ -229,7 +231,7 @@ def run_demo(directory: Path | None, photos: int) -> int:
             result = subprocess.run([sys.executable, "-m", "s3watch", "--config", str(config), "status", "--json"], capture_output=True, text=True)
             return result.returncode == 0 and json.loads(result.stdout)["counts"]["uploaded"] >= photos
 
-        _wait(uploaded, 60, agent)
+        _wait(uploaded, 60, agent, f"all {photos} photos to be uploaded")
         print()
         subprocess.run([sys.executable, "-m", "s3watch", "--config", str(config), "status"], check=False)
         print(f"\nall {photos} photos are in the bucket; the configuration used is {config}")
@@ -245,7 +247,7 @@ def run_demo(directory: Path | None, photos: int) -> int:
         server.stop()
 
 
-def _wait(condition: Callable[[], bool], timeout: float, agent: subprocess.Popen[bytes]) -> None:
+def _wait(condition: Callable[[], bool], timeout: float, agent: subprocess.Popen[bytes], what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if agent.poll() is not None:
@@ -253,4 +255,4 @@ def _wait(condition: Callable[[], bool], timeout: float, agent: subprocess.Popen
         if condition():
             return
         time.sleep(0.2)
-    raise TimeoutError(f"not done within {timeout:g} s")
+    raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")

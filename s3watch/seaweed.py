@@ -94,6 +94,9 @@ class SeaweedFS:
             f"-master.port={self.ports['master']}", f"-volume.port={self.ports['volume']}", f"-filer.port={self.ports['filer']}",
             f"-s3.port={self.ports['s3']}", f"-admin.port={self.ports['admin']}", f"-s3.config={config}",
             f"-s3.autoCreateBucket={'true' if self.auto_create_buckets else 'false'}", "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            # Each bucket is a collection with volumes of its own; the default cap (free disk / 1 GiB)
+            # runs out after a few dozen buckets, and the tests make many.
+            "-volume.max=2000",
             f"-filer.localSocket={self.directory / 'filer.sock'}", f"-s3.localSocket={self.directory / 's3.sock'}",
         ]
         self.log_path = self.directory / "weed.log"
@@ -127,6 +130,21 @@ class SeaweedFS:
             client.create_bucket(Bucket=name)  # type: ignore[attr-defined]
         except botocore.exceptions.ClientError as error:
             if error.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise
+
+    def delete_bucket(self, name: str) -> None:
+        """Delete a bucket with everything in it, unfinished multipart uploads included, to free its volumes."""
+        client = self.client()
+        try:
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=name):  # type: ignore[attr-defined]
+                keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+                if keys:
+                    client.delete_objects(Bucket=name, Delete={"Objects": keys, "Quiet": True})  # type: ignore[attr-defined]
+            for upload in client.list_multipart_uploads(Bucket=name).get("Uploads", []):  # type: ignore[attr-defined]
+                client.abort_multipart_upload(Bucket=name, Key=upload["Key"], UploadId=upload["UploadId"])  # type: ignore[attr-defined]
+            client.delete_bucket(Bucket=name)  # type: ignore[attr-defined]
+        except botocore.exceptions.ClientError as error:
+            if error.response.get("Error", {}).get("Code") != "NoSuchBucket":
                 raise
 
     def stop(self) -> None:

@@ -58,10 +58,13 @@ def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
 
 
 @pytest.fixture
-def bucket(seaweed: SeaweedFS) -> str:
+def bucket(seaweed: SeaweedFS) -> Iterator[str]:
+    """A fresh bucket, deleted afterwards so that the session's SeaweedFS does not run out of volumes."""
     name = f"test-{secrets.token_hex(6)}"
     seaweed.create_bucket(name)
-    return name
+    yield name
+    seaweed.delete_bucket(name)
+    seaweed.delete_bucket(f"{name}-new")
 
 
 @pytest.fixture
