@@ -213,7 +213,8 @@ def _generate(output: Path | None) -> int:
         sys.stdout.write(text)
         return EXIT_OK
     try:
-        with open(output, "x", encoding="utf-8") as handle:
+        # Mode 0640: the file will hold secrets once filled in.
+        with os.fdopen(os.open(output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640), "w", encoding="utf-8") as handle:
             handle.write(text)
     except FileExistsError:
         _error(f"{output} exists already: choose another file or remove it first")

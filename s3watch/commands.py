@@ -28,6 +28,10 @@ class UsageError(Exception):
     """Bad arguments or input; the message names the value and the fix."""
 
 
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
 def _error(message: str) -> None:
     print(f"s3watch: error: {message}", file=sys.stderr)
 
@@ -51,7 +55,7 @@ def _read_lines(name: str) -> Iterator[str]:
         with open(name, encoding="utf-8") as handle:
             yield from handle
     except FileNotFoundError:
-        raise UsageError(f"{name} not found") from None
+        raise UsageError(f"--from {name}: file not found") from None
     except UnicodeDecodeError:
         raise UsageError(f"{name} is not UTF-8 text: give a list of paths or id:N, one a line") from None
     except OSError as error:
@@ -86,7 +90,7 @@ def enqueue(config: Config, entries: list[str], from_file: str | None) -> int:
 
 
 def _announce_list(path: Path, count: int) -> None:
-    print(f"wrote {count} entries to {path}")
+    print(f"wrote {count} {'entry' if count == 1 else 'entries'} to {path}")
     print(f"the agent queues them at its next look at the spool; its report will be {path.parent / 'done' / path.name}.report")
 
 
@@ -117,12 +121,12 @@ def backfill(config: Config, arguments: argparse.Namespace) -> int:
     Returns the exit status.
     """
     try:
+        if arguments.recursive and arguments.album is None:
+            raise UsageError("--recursive goes with --album ID")
         if not (arguments.all or arguments.since or arguments.album is not None or arguments.ids):
             raise UsageError("choose the photos: --all, --since DATE, --album ID [--recursive] or --ids FIRST-LAST")
         if arguments.all and (arguments.since or arguments.album is not None or arguments.ids):
             raise UsageError("--all cannot be combined with another selector")
-        if arguments.recursive and arguments.album is None:
-            raise UsageError("--recursive goes with --album ID")
         since = _parse_since(arguments.since) if arguments.since else None
         id_range = _parse_ids(arguments.ids) if arguments.ids else None
     except UsageError as error:
@@ -147,7 +151,7 @@ def backfill(config: Config, arguments: argparse.Namespace) -> int:
                 if count < DRY_RUN_SHOWN:
                     print(f"id:{row.id}\t{row_path(row.path)}")
                 count += 1
-            print(f"{count} photos selected (dry run: nothing queued)")
+            print(f"{_plural(count, 'photo')} selected (dry run: nothing queued)")
             return EXIT_OK
 
         path, count = write_list(config.spool_dir, (f"id:{row.id}" for row in rows))
@@ -203,7 +207,7 @@ def url(config: Config, text: str) -> int:
         return EXIT_FAILED
     upload = state.uploads.get(path)
     if upload is None:
-        print(f"not uploaded: s3watch has no record of {path}; queue it with: s3watch enqueue {path}")
+        print(f"not uploaded: s3watch has no record of {path}; once it has an images row, queue it with: s3watch enqueue {path}")
         return EXIT_FAILED
 
     uploader = Uploader(config.s3, config.uploads, config.links, config.piwigo.root)
@@ -221,7 +225,7 @@ def url(config: Config, text: str) -> int:
 
     reasons = {
         "pending": f"not uploaded yet: {upload_status(upload)}"
-        + (f" after {upload.attempts} attempts, last at {upload.ts}: {upload.error}" if upload.code else ", waiting for a worker"),
+        + (f" after {_plural(upload.attempts, 'attempt')}, last at {upload.ts}: {upload.error}" if upload.code else ", waiting for a worker"),
         "detected": f"not uploaded yet: waiting for its images row since {upload.detected_ts}",
         "unmatched": f"not uploaded: unmatched ({upload.error})",
         "gone": f"not uploaded: gone ({upload.error})",

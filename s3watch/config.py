@@ -453,7 +453,7 @@ def load_config(path: Path) -> Config:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"configuration file {path} not found: create it from s3watch.yaml.example or pass --config PATH") from None
+        raise ConfigError(f"configuration file {path} not found: create it with 's3watch config generate --output {path}' or pass --config PATH") from None
     except PermissionError:
         raise ConfigError(f"configuration file {path} is not readable by this user: fix its permissions or run as its owner") from None
     except IsADirectoryError:

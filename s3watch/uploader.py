@@ -140,7 +140,8 @@ def classify_error(error: Exception) -> UploadFailed:
         transient = status >= 500 or status in TRANSIENT_STATUSES or code in TRANSIENT_CODES
         return UploadFailed(status, f"{code or 'error'}: {message}", transient=transient)
     if isinstance(error, (botocore.exceptions.NoCredentialsError, botocore.exceptions.PartialCredentialsError)):
-        return UploadFailed(403, "no S3 credentials found: set s3.access_key_id and s3.secret_access_key", transient=False)
+        return UploadFailed(403, "no S3 credentials found: set s3.access_key_id and s3.secret_access_key, or pass them as systemd credentials "
+                                 "(s3_access_key_id and s3_secret_access_key in $CREDENTIALS_DIRECTORY)", transient=False)
     if isinstance(error, botocore.exceptions.EndpointConnectionError):
         return UploadFailed(0, f"could not connect to the S3 endpoint ({error.kwargs.get('endpoint_url', '')}): is it running and is s3.endpoint_url right?", transient=True)
     if isinstance(error, (botocore.exceptions.ConnectTimeoutError, botocore.exceptions.ReadTimeoutError)):

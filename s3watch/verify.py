@@ -85,7 +85,8 @@ def verify(config: Config, requeue: bool) -> int:
     missing = [finding for finding in findings if finding.problem == "missing"]
     for finding in sorted(findings, key=lambda finding: finding.upload.path):
         print(f"{finding.problem:<9} {finding.upload.path}  image {finding.upload.image_id}  key {finding.upload.key}: {finding.detail}")
-    print(f"checked {len(uploads)} uploaded objects: {len(uploads) - len(findings)} as recorded, {len(missing)} missing, {len(findings) - len(missing)} different")
+    objects = "object" if len(uploads) == 1 else "objects"
+    print(f"checked {len(uploads)} uploaded {objects}: {len(uploads) - len(findings)} as recorded, {len(missing)} missing, {len(findings) - len(missing)} different")
 
     if requeue and missing:
         try:
@@ -93,7 +94,7 @@ def verify(config: Config, requeue: bool) -> int:
         except SpoolError as error:
             print(f"s3watch: error: {error}", file=sys.stderr)
             return EXIT_DIFFERENT
-        print(f"queued {count} missing objects again through {path}; the agent uploads them at its next look at the spool")
+        print(f"queued {count} missing {'object' if count == 1 else 'objects'} again through {path}; the agent uploads them at its next look at the spool")
     elif missing:
         print("run 's3watch verify --requeue' to upload the missing ones again")
     return EXIT_DIFFERENT if findings else EXIT_OK

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
 import pymysql
@@ -168,7 +169,7 @@ def test_enqueue_writes_list_and_rejects_bad_input(setup: Setup, agent: AgentPro
 
     result = run_cli("--config", str(setup.path), "enqueue", f"id:{image_id}")
     assert result.returncode == 0, result.stderr
-    assert f"wrote 1 entries to {setup.spool_dir}" in result.stdout
+    assert f"wrote 1 entry to {setup.spool_dir}" in result.stdout
     piped = run_cli("--config", str(setup.path), "enqueue", "--from", "-", stdin=f"# one more\n{other}\n")
     assert piped.returncode == 0, piped.stderr
 
@@ -214,7 +215,7 @@ def test_backfill_selectors_write_right_entries(setup: Setup, piwigo: PiwigoImit
     def selected(*arguments: str) -> list[int]:
         result = run_cli("--config", str(setup.path), "backfill", *arguments)
         assert result.returncode == 0, result.stderr
-        written = Path(result.stdout.split("wrote ", 1)[1].split(" entries to ", 1)[1].splitlines()[0])
+        written = Path(re.search(r"wrote \d+ entr(?:y|ies) to (\S+)", result.stdout).group(1))  # type: ignore[union-attr]
         entries = [int(line[3:]) for line in written.read_text().splitlines()]
         written.unlink()
         return entries
