@@ -341,6 +341,8 @@ def test_unreachable_at_start_then_available(setup: Setup, agent: AgentProcess, 
     photos = {**during, **after}
     wait_until_uploaded(setup, list(photos))
     assert_objects_hold(seaweed, bucket, photos)
+    # The photos can be matched before the first table poll that succeeds, which is what makes the agent ready.
+    wait_for(lambda: "ready" in log_events(agent), 30, "ready")
     events = log_events(agent)
     assert events.count("database_unavailable") == 1, agent.log()
     assert events.count("database_available") == 1, agent.log()
