@@ -143,8 +143,8 @@ def read_database_inc(root: Path) -> DatabaseSettings:
 
     layer = values.get("dblayer", "mysqli")
     if layer in ("sqlite", "pdo_sqlite", "sqlite3"):
-        # Piwigo 2.5's SQLite layer keeps the database in _data/db/<db_base>.db.
-        # NOTE: taken from Piwigo 2.5's documentation, not checked against a running 2.5 gallery.
+        # NOTE: the place of Piwigo 2.5's SQLite file (_data/db/<db_base>.db) is an assumption,
+        # checked against neither a 2.5 gallery nor its source; piwigo.database.url overrides it.
         sqlite_path = root / "_data" / "db" / f"{values['db_base']}.db"
         return DatabaseSettings(kind="sqlite", table_prefix=table_prefix, sqlite_path=sqlite_path)
     if layer not in ("mysqli", "mysql"):
