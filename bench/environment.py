@@ -24,17 +24,12 @@ import botocore.exceptions
 import pymysql
 import yaml
 
-from s3watch.demo import PIWIGO_IMAGES_TABLE
+from s3watch.demo import PIWIGO_IMAGES_TABLE, mariadb_from_environment
 from s3watch.journal import FINISHED, JournalState, read_journal
 from s3watch.seaweed import SeaweedFS
 
 # The same variables as the test suite, so one MariaDB setting serves both.
-MARIADB = {
-    "host": os.environ.get("S3WATCH_TEST_DB_HOST", "127.0.0.1"),
-    "port": int(os.environ.get("S3WATCH_TEST_DB_PORT", "3306")),
-    "user": os.environ.get("S3WATCH_TEST_DB_USER", "root"),
-    "password": os.environ.get("S3WATCH_TEST_DB_PASSWORD", ""),
-}
+MARIADB = mariadb_from_environment()
 TABLE_PREFIX = "piwigo_"
 
 

@@ -61,7 +61,7 @@ def acquire_lock(state_dir: Path) -> int:
     """Take the state directory's lock, so that one agent at a time owns its journal.
 
     Returns the lock file's descriptor, held until the process exits. Raises AgentError when
-    another agent holds it or the directory cannot be created.
+    another agent has it or the directory cannot be created.
     """
     try:
         state_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
@@ -221,7 +221,7 @@ class Agent:
             self._database_unavailable(error)
 
     def _start_database(self) -> None:
-        """Set the poll cursor on a first start, and read Piwigo's settings, once the database answers."""
+        """Set the poll cursor on a first start, and read Piwigo's settings, once the database is reachable."""
         assert self.journal is not None and self.table is not None
         if self.database_down:
             return
@@ -363,8 +363,8 @@ class Agent:
         """Tell systemd the agent is alive and what it is doing, and update the metrics.
 
         The watchdog ping comes from this loop, not a side thread, so a hung loop gets restarted.
-        READY=1 waits until the journal is replayed, the watches are in place and the database
-        answered once.
+        READY=1 waits until the journal is replayed, the watches are in place and a database
+        query has succeeded.
         """
         if not self.ready_sent and self.table is not None and not self.database_down and self.journal is not None and self.journal.state.cursor is not None:
             self.ready_sent = True
@@ -433,8 +433,8 @@ class Agent:
     def _commit(self, now: float) -> bool:
         """Make the records of this turn durable before anything is acted on. Returns whether they are.
 
-        While the state directory is full or read-only, nothing is dispatched, the records wait
-        in memory, and the commit is tried again every few seconds; the loop goes on meanwhile,
+        While the state directory is full or read-only, nothing is dispatched and the records wait
+        in memory. The commit is tried again every few seconds, and the loop goes on meanwhile,
         so the watchdog keeps being pinged.
         """
         assert self.journal is not None

@@ -1,8 +1,8 @@
 """Batch mode: resolving list entries (paths and image ids) to photos of the gallery, safely.
 
-Only a regular file inside the gallery is ever accepted: an entry is resolved through '..'
-and symbolic links first, and one that lands outside the gallery root (or the upload
-directory's real location, when that is a link to another disk) is rejected.
+Only a regular file inside the gallery is ever accepted. An entry is resolved through '..'
+and symbolic links first. One that lands outside the gallery root, or outside the upload
+directory's real location when that is a link to another disk, is rejected.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ ALREADY_QUEUED = frozenset({"pending"})
 
 @dataclass(frozen=True)
 class Verdict:
-    """What became of one list entry: queued, already uploaded, already queued, or rejected with a reason."""
+    """The outcome of one list entry: queued, already uploaded, already queued, or rejected with a reason."""
 
     entry: Entry
     outcome: str  # "queued", "already uploaded", "already queued" or "rejected"

@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     config_commands = config.add_subparsers(dest="config_command", metavar="ACTION")
     config_commands.required = True
     generate = config_commands.add_parser("generate", help="print a commented sample configuration (every key with its default)")
-    generate.add_argument("--output", "-o", type=Path, default=None, metavar="FILE", help="write it to FILE (refused if FILE exists) instead of standard output")
+    generate.add_argument("--output", "-o", type=Path, default=None, metavar="FILE", help="write it to FILE instead of standard output (fails if FILE exists)")
     status = commands.add_parser("status", help="show pending and failed uploads and the most recent uploads with their links")
     status.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return EXIT_FAILED
     except BrokenPipeError:
-        # The reader went away (`s3watch status | head`): nothing more to say.
+        # The reader went away (`s3watch status | head`), so there is nothing more to print.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
     raise AssertionError(f"unhandled command {arguments.command}")

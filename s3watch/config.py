@@ -467,7 +467,7 @@ def load_config(path: Path) -> Config:
 
 
 def exposed_secret_warning(config: Config, text_has_secret: bool) -> str | None:
-    """Return a warning when the configuration file holds a secret and other users may read it."""
+    """Return a warning when the configuration file contains a secret and other users may read it."""
     try:
         mode = config.source.stat().st_mode
     except OSError:
@@ -479,7 +479,7 @@ def exposed_secret_warning(config: Config, text_has_secret: bool) -> str | None:
 
 
 def holds_secret(config: Config) -> bool:
-    """Tell whether the YAML itself (not a systemd credential) holds the S3 secret or a database password."""
+    """Tell whether the YAML itself (not a systemd credential) contains the S3 secret or a database password."""
     from urllib.parse import urlsplit
 
     if read_credential("s3_secret_access_key") is None and config.s3.secret_access_key:

@@ -17,7 +17,7 @@ class DatabaseError(Exception):
 
 
 class DatabaseUnreachable(DatabaseError):
-    """The database server did not answer: it may be down or restarting, so callers wait for it."""
+    """The database server could not be reached: it may be down or restarting, so callers wait for it."""
 
 
 class TableMissing(DatabaseError):
@@ -287,7 +287,7 @@ UNREACHABLE_CODES = (2002, 2003, 2006, 2013, 2055)  # client errors: no connecti
 
 
 def _mysql_error(error: Exception, settings: DatabaseSettings) -> DatabaseError:
-    """Return the DatabaseError (DatabaseUnreachable when the server did not answer) for a PyMySQL error."""
+    """Return the DatabaseError for a PyMySQL error (DatabaseUnreachable when there was no connection)."""
     code = error.args[0] if error.args and isinstance(error.args[0], int) else None
     message = _explain_mysql_error(error, settings)
     return DatabaseUnreachable(message) if code in UNREACHABLE_CODES or code is None else DatabaseError(message)

@@ -82,6 +82,19 @@ CREATE TABLE IF NOT EXISTS {prefix}images (
 """
 
 
+def mariadb_from_environment() -> dict[str, Any]:
+    """Return PyMySQL connection arguments for the MariaDB the tests and the benchmark use.
+
+    S3WATCH_TEST_DB_HOST, _PORT, _USER and _PASSWORD override 127.0.0.1:3306 as root without a password.
+    """
+    return {
+        "host": os.environ.get("S3WATCH_TEST_DB_HOST", "127.0.0.1"),
+        "port": int(os.environ.get("S3WATCH_TEST_DB_PORT", "3306")),
+        "user": os.environ.get("S3WATCH_TEST_DB_USER", "root"),
+        "password": os.environ.get("S3WATCH_TEST_DB_PASSWORD", ""),
+    }
+
+
 def sample_photo(number: int, size: int = 0) -> bytes:
     """Return a unique, valid JPEG; `size` pads it (in a comment segment chain) to at least that many bytes."""
     comment = f"s3watch sample photo {number} {secrets.token_hex(8)}".encode()

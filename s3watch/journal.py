@@ -34,7 +34,7 @@ HEADER_EVENT = "journal"
 
 
 class JournalError(Exception):
-    """The journal cannot be read or written; the message says where and what to do."""
+    """The journal cannot be read or written; the message names the file and the fix."""
 
 
 @dataclass(slots=True)
@@ -269,7 +269,7 @@ class Journal:
         self._buffer.clear()
 
     def needs_compaction(self) -> bool:
-        """Whether the file has grown well past one record per upload."""
+        """Return whether the file has grown well past one record per upload."""
         live = len(self.state.uploads) + 2
         return self.state.records > 10_000 and self.state.records > 3 * live
 

@@ -11,8 +11,8 @@ import heapq
 from dataclasses import dataclass, field
 
 FIRST_DELAY = 0.05  # seconds before the first look-up
-# Piwigo inserts the row within about half a second, so look-ups stay frequent at first and a
-# row is found at most a quarter of a second after it appears; later ones come every 2 s.
+# Piwigo inserts the row within about half a second, so look-ups stay frequent at first: a row
+# is found at most a quarter of a second after it appears. Later look-ups come every 2 s.
 EARLY_MAX_DELAY = 0.25
 EARLY_PERIOD = 10.0  # seconds after the file was seen
 MAX_DELAY = 2.0

@@ -94,7 +94,7 @@ class SeaweedFS:
             f"-master.port={self.ports['master']}", f"-volume.port={self.ports['volume']}", f"-filer.port={self.ports['filer']}",
             f"-s3.port={self.ports['s3']}", f"-admin.port={self.ports['admin']}", f"-s3.config={config}",
             f"-s3.autoCreateBucket={'true' if self.auto_create_buckets else 'false'}", "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-            # Each bucket is a collection with volumes of its own; the default cap (free disk / 1 GiB)
+            # Each bucket is a collection with volumes of its own. The default cap (free disk / 1 GiB)
             # runs out after a few dozen buckets, and the tests make many.
             "-volume.max=2000",
             f"-filer.localSocket={self.directory / 'filer.sock'}", f"-s3.localSocket={self.directory / 's3.sock'}",

@@ -61,7 +61,7 @@ SETTLE_SECONDS = 2.0
 
 
 class FileBusy(Exception):
-    """The file is still changing; the message says how."""
+    """The file is still changing; the message describes the change."""
 
 
 @dataclass(frozen=True)
@@ -278,9 +278,9 @@ class Uploader:
     def probe_conditional_writes(self) -> bool:
         """Test whether the store honours `If-None-Match: *`, and remember the result.
 
-        Writes the small object `<prefix>.s3watch/conditional-write-probe` (once; later probes find
-        it there) and writes it again with the condition: a store that accepts the second write
-        ignores the condition. Returns whether conditional writes are used. Raises UploadFailed
+        Writes the small object `<prefix>.s3watch/conditional-write-probe` with the condition,
+        twice. Later probes find it there already. A store that accepts the second write ignores
+        the condition. Returns whether conditional writes are used. Raises UploadFailed
         when the store cannot be reached or refuses the request.
         """
         if self.s3.conditional_writes == "never":

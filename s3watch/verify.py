@@ -31,7 +31,7 @@ def check_object(uploader: Uploader, upload: Upload) -> Finding | None:
 
     The md5 is read from the object's metadata, or from its ETag when that is a plain md5 (not a
     multipart ETag). Returns a Finding, or None when the object is as recorded. Raises UploadFailed
-    when the store cannot answer.
+    when the store cannot be reached or rejects the request.
     """
     bucket = upload.bucket or uploader.s3.bucket
     try:

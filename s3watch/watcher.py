@@ -29,7 +29,7 @@ log = structlog.get_logger("s3watch.watcher")
 
 
 class WatchError(Exception):
-    """The upload directory could not be watched; the message says what to change."""
+    """The upload directory could not be watched; the message names the limit or setting to change."""
 
 
 class _Handler(FileSystemEventHandler):

@@ -17,17 +17,12 @@ import pytest
 import yaml
 
 from s3watch.config import load_config
-from s3watch.demo import PIWIGO_IMAGES_TABLE, PiwigoImitation
+from s3watch.demo import PIWIGO_IMAGES_TABLE, PiwigoImitation, mariadb_from_environment
 from s3watch.journal import read_journal
 from s3watch.seaweed import SeaweedFS
 from s3watch.status import build_status
 
-MARIADB = {
-    "host": os.environ.get("S3WATCH_TEST_DB_HOST", "127.0.0.1"),
-    "port": int(os.environ.get("S3WATCH_TEST_DB_PORT", "3306")),
-    "user": os.environ.get("S3WATCH_TEST_DB_USER", "root"),
-    "password": os.environ.get("S3WATCH_TEST_DB_PASSWORD", ""),
-}
+MARIADB = mariadb_from_environment()
 
 
 # Secrets the whole suite uses; the last test checks that none reaches any output.

@@ -158,7 +158,7 @@ def test_bad_credentials_fail_403_then_upload_after_reload(setup: Setup, agent: 
     assert "wrong-secret" not in agent.log()
 
 
-def test_wrong_bucket_fails_404_even_where_writes_create_buckets(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation, tmp_path: Path) -> None:
+def test_wrong_bucket_fails_404(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation, tmp_path: Path) -> None:
     # This store creates a missing bucket on the first write, as SeaweedFS does by default.
     store = SeaweedFS(tmp_path / "store", access_key="test-access", secret_key="test-secret-Kp3mN9", auto_create_buckets=True)
     store.start()

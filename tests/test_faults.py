@@ -270,7 +270,7 @@ def test_full_state_dir_waits_and_resumes(setup: Setup, agent: AgentProcess, piw
 
 # NOTE: a read-only state directory takes the same path as a full one (the write fails with
 # EROFS instead of ENOSPC), but is not tested: Linux refuses to remount a filesystem read-only
-# while the agent holds its journal open for writing.
+# while the agent has its journal open for writing.
 
 
 def test_compaction_interrupted_at_any_step_keeps_journal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -379,8 +379,8 @@ def test_event_queue_overflow_loses_no_photo(setup: Setup, agent: AgentProcess, 
 
     for path in paths:
         wait_for(lambda: setup.upload_status(path) == "uploaded", timeout=120, what=f"{path} after the overflow")
-    # NOTE: whether an overflow is reported depends on timing the test cannot control (seen
-    # both ways here, with the agent stopped during the burst); when it is, the agent must say so.
+    # NOTE: whether an overflow is reported depends on timing the test cannot control, and both
+    # outcomes were seen with the agent stopped during the burst. When it is, the agent must log it.
     if "Inotify queue overflowed" in agent.log():
         assert "events_lost" in agent.log()
 
