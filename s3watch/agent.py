@@ -944,6 +944,7 @@ class Agent:
         """Re-read the configuration (SIGHUP); keep the old one if the new one is invalid, retry failed uploads."""
         try:
             config = load_config(self.config.source)
+            settings = database_settings(config)  # database.inc.php may have become unreadable too
         except ConfigError as error:
             log.error("reload_rejected", error=str(error), hint="the previous configuration stays in use")
             return
@@ -958,7 +959,10 @@ class Agent:
         if config.piwigo != old.piwigo:
             assert self.table is not None
             self.table.close()
-            self.table = ImagesTable(database_settings(config))
+            self.table = ImagesTable(settings)
+            if config.piwigo.upload_path != old.piwigo.upload_path and self.watcher is not None:
+                self.watcher.stop()
+                self.watcher = None  # started again below, on the new upload directory
         if (config.s3, config.uploads, config.links) != (old.s3, old.uploads, old.links):
             self.uploader = Uploader(config.s3, config.uploads, config.links, config.piwigo.root, stop=self.abort_event)
             assert self.workers is not None

@@ -353,3 +353,19 @@ def test_links_keep_the_bucket_of_each_upload(setup: Setup, agent: AgentProcess,
     item = setup.status()["uploaded"][0]
     assert item["bucket"] == bucket
     assert f"/{bucket}/{path}" in item["url"]
+
+
+def test_reload_with_unreadable_database_inc_is_rejected(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation, gallery_root: Path) -> None:
+    agent.start()
+    (gallery_root / "local" / "config").mkdir(parents=True)
+    (gallery_root / "local" / "config" / "database.inc.php").write_text("<?php // no settings\n")
+    database = setup.values["piwigo"].pop("database")
+    setup.write()
+    agent.signal(signal.SIGHUP)
+    wait_for(lambda: "reload_rejected" in agent.log(), what="the rejected reload")
+    assert "database.inc.php could not be parsed" in agent.log()
+
+    setup.values["piwigo"]["database"] = database
+    setup.write()
+    _, path = piwigo.add_photo(sample_photo(1))
+    wait_for(lambda: uploaded(setup, path), what="an upload with the previous configuration")
