@@ -203,7 +203,7 @@ class Agent:
     def _clean_up_originals(self) -> None:
         """Keep the copies on arrival that unfinished uploads refer to; delete those a crash left behind."""
         assert self.journal is not None
-        referenced = [u.capture for u in self.journal.state.uploads.values() if u.capture and not u.finished]
+        referenced = [u.capture for u in self.journal.state.uploads.unfinished() if u.capture]
         deleted = self.originals.clean_up(referenced)
         if deleted:
             log.info("originals_cleaned", deleted=deleted, kept=len(referenced))
@@ -235,7 +235,7 @@ class Agent:
         """Rebuild the queue from the journal: pending uploads go back in line, files without a row wait again."""
         assert self.journal is not None
         now = time.time()
-        pending = sorted((u for u in self.journal.state.uploads.values() if u.status in ("pending", "detected")), key=lambda u: u.ts)
+        pending = sorted(self.journal.state.uploads.unfinished(), key=lambda u: u.ts)
         for upload in pending:
             if upload.status == "pending":
                 self._line_for(upload.source).append(upload.path)

@@ -31,20 +31,20 @@ def build_status(config: Config, state: JournalState | None = None) -> dict[str,
     """
     if state is None:
         state, _ = read_journal(config.journal_path)
-    uploads = list(state.uploads.values())
-    counts = Counter(upload_status(u) if u.status in ("pending", "detected") else u.status for u in uploads)
+    unfinished = state.uploads.unfinished()
+    counts = Counter(upload_status(u) for u in unfinished) + state.uploads.finished_counts()
 
-    pending = sorted((u for u in uploads if u.status in ("pending", "detected")), key=lambda u: u.ts, reverse=True)
-    done = sorted((u for u in uploads if u.status in ("uploaded", "already_present", "duplicate")), key=lambda u: u.ts, reverse=True)
-    problems = sorted((u for u in uploads if u.status in ("unmatched", "gone")), key=lambda u: u.ts, reverse=True)
+    pending = sorted(unfinished, key=lambda u: u.ts, reverse=True)
+    done = state.uploads.latest_finished(("uploaded", "already_present", "duplicate"), LIST_LENGTH)
+    problems = state.uploads.latest_finished(("unmatched", "gone"), LIST_LENGTH)
 
     uploader = Uploader(config.s3, config.uploads, config.links, config.piwigo.root)
     return {
         "bucket": config.s3.bucket,
         "counts": {
-            "pending": sum(1 for u in uploads if u.status == "pending"),
+            "pending": sum(1 for u in unfinished if u.status == "pending"),
             "waiting_for_row": counts.get("waiting_for_row", 0),
-            "failed": sum(1 for u in uploads if u.status == "pending" and u.code),
+            "failed": sum(1 for u in unfinished if u.status == "pending" and u.code),
             "uploaded": counts.get("uploaded", 0),
             "already_present": counts.get("already_present", 0),
             "duplicate": counts.get("duplicate", 0),
@@ -52,8 +52,8 @@ def build_status(config: Config, state: JournalState | None = None) -> dict[str,
             "gone": counts.get("gone", 0),
         },
         "pending": [_pending_item(u) for u in pending[:LIST_LENGTH]],
-        "uploaded": [_uploaded_item(u, uploader) for u in done[:LIST_LENGTH]],
-        "problems": [_problem_item(u) for u in problems[:LIST_LENGTH]],
+        "uploaded": [_uploaded_item(u, uploader) for u in done],
+        "problems": [_problem_item(u) for u in problems],
     }
 
 

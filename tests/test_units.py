@@ -1,4 +1,4 @@
-"""Small units: keys, error codes, the journal file and the matcher's schedule."""
+"""Small units: keys, error codes, the journal file, its packed uploads and the matcher's schedule."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import botocore.exceptions
 import pytest
 
-from s3watch.journal import Journal, JournalError, read_journal, repair_journal
+from s3watch.journal import Journal, JournalError, JournalState, Uploads, read_journal, repair_journal
 from s3watch.matcher import Matcher
 from s3watch.uploader import classify_error, object_key
 
@@ -130,6 +130,103 @@ def test_journal_compaction_keeps_every_upload(tmp_path: Path) -> None:
     assert after == snapshot
     assert state.uploads["upload/new.jpg"].status == "pending"
     assert len(path.read_bytes().splitlines()) == 53
+
+
+MD5 = "6513270e269e0d37f2a74de452e6b438"
+PHOTO = "upload/2015/01/01/20150101080000-6513270e.jpg"
+QUEUED = {"ts": "2025-01-01T00:00:00.001Z", "event": "queued", "path": PHOTO, "image_id": 1, "row_md5": MD5, "source": "batch"}
+UPLOADED = {"ts": "2025-01-01T00:00:00.540Z", "event": "uploaded", "path": PHOTO, "key": PHOTO, "bucket": "gallery", "md5": MD5,
+            "bytes": 4730217, "attempts": 1, "original": "as_uploaded", "etag": MD5}
+
+
+@pytest.mark.parametrize("changes", [
+    {},
+    {"key": "piwigo/" + PHOTO},
+    {"key": "by-id/1.jpg"},
+    {"md5": MD5.upper(), "etag": MD5.upper()},
+    {"etag": "9f" * 16 + "-2"},
+    {"row_md5": "0" * 32},
+    {"event": "gone", "key": None, "md5": None, "etag": None, "bytes": None, "bucket": None, "original": None, "error": "deleted"},
+    {"event": "duplicate", "duplicate_of": "upload/other.jpg", "etag": None},
+    {"image_id": True},
+    {"bytes": 4.5},
+    {"attempts": 0},
+    {"attempts": None},
+    {"source": None, "bucket": ["not", "a", "string"]},
+    {"ts": "2025-01-01T00:00:00.540+01:00 été"},
+    {"future_field": {"nested": [1, 2]}},
+    {"path": "upload/2015/01/01/photo été.jpg", "key": "upload/2015/01/01/photo été.jpg"},
+])
+def test_finished_upload_unpacks_as_recorded(changes: dict[str, object]) -> None:
+    queued = {**QUEUED, "path": changes.get("path", PHOTO)}
+    finished = {name: value for name, value in {**UPLOADED, **changes}.items() if value is not None}  # None: no such field
+    path = finished["path"]
+    uploads = Uploads()
+
+    uploads.apply(path, dict(queued), finished=False)
+    uploads.apply(path, dict(finished), finished=True)
+
+    assert uploads.record_of(path) == {**queued, **finished}
+    upload = uploads[path]
+    assert (upload.path, upload.event, upload.ts, upload.key) == (path, finished["event"], finished["ts"], finished.get("key"))
+
+
+def test_packed_upload_is_small() -> None:
+    uploads = Uploads()
+    uploads.apply(PHOTO, dict(QUEUED), finished=False)
+    uploads.apply(PHOTO, dict(UPLOADED), finished=True)
+    assert len(uploads._finished[PHOTO]) < 100
+
+
+def test_finished_upload_requeued_starts_again(tmp_path: Path) -> None:
+    path = tmp_path / "journal.jsonl"
+    journal = Journal(path)
+    journal.append("queued", "upload/a.jpg", image_id=1, source="batch")
+    journal.append("uploaded", "upload/a.jpg", key="upload/a.jpg", md5=MD5, bytes=3, attempts=1)
+    journal.append("queued", "upload/a.jpg", image_id=1, source="batch")
+    journal.close()
+
+    upload = read_journal(path)[0].uploads["upload/a.jpg"]
+    assert (upload.status, upload.key, upload.md5, upload.source) == ("pending", "upload/a.jpg", MD5, "batch")
+    assert upload.detected_ts == upload.ts
+
+
+def test_upload_read_is_a_copy() -> None:
+    state = JournalState()
+    state.apply(dict(QUEUED))
+    state.uploads[PHOTO].status = "uploaded"
+    assert state.uploads[PHOTO].status == "pending"
+
+
+def test_md5_index_built_on_first_use_then_kept(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal.jsonl")
+    journal.append("queued", "upload/a.jpg", image_id=1)
+    journal.append("uploaded", "upload/a.jpg", key="k/a.jpg", md5="a" * 32)
+    journal.append("queued", "upload/b.jpg", image_id=2)
+    journal.append("duplicate", "upload/b.jpg", md5="a" * 32, duplicate_of="k/a.jpg")
+
+    assert journal.state.md5_index == {"a" * 32: "k/a.jpg"}
+    journal.append("queued", "upload/c.jpg", image_id=3)
+    journal.append("uploaded", "upload/c.jpg", key="upload/c.jpg", md5="c" * 32)
+    assert journal.state.md5_index == {"a" * 32: "k/a.jpg", "c" * 32: "upload/c.jpg"}
+    journal.close()
+
+
+def test_compaction_keeps_detected_ts_and_unknown_fields(tmp_path: Path) -> None:
+    path = tmp_path / "journal.jsonl"
+    journal = Journal(path)
+    journal.append("detected", "upload/a.jpg", source="monitor")
+    detected_ts = journal.state.uploads["upload/a.jpg"].detected_ts
+    journal.append("queued", "upload/a.jpg", image_id=1, row_md5=MD5)
+    journal.append("queued", "upload/b.jpg", image_id=2)
+    journal.append("uploaded", "upload/b.jpg", key="upload/b.jpg", md5=MD5, future_field="kept")
+    journal.compact()
+    journal.close()
+
+    state, _ = read_journal(path)
+    assert state.uploads["upload/a.jpg"].detected_ts == detected_ts
+    assert state.uploads.record_of("upload/b.jpg")["future_field"] == "kept"
+    assert state.records == 3
 
 
 def test_matcher_backs_off_then_gives_up() -> None:
