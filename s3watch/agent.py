@@ -34,7 +34,7 @@ from .piwigo import database_settings, format_path, gallery_path, is_format_file
 from .sdnotify import Notifier
 from .spool import SpoolError, check_list, find_lists, move_failed
 from .uploader import FILE_BUSY_CODE, DuplicateIndex, Outcome, Uploader, UploadFailed, UploadRequest, object_key
-from .watcher import UploadWatcher, WatchError
+from .watcher import SpoolWatcher, UploadWatcher, WatchError
 
 log = structlog.get_logger("s3watch.agent")
 
@@ -44,8 +44,11 @@ log = structlog.get_logger("s3watch.agent")
 STORE_WIDE_STATUSES = frozenset({0, 301, 403, 404, 429})
 FIRST_PROBE_DELAY = 5.0  # seconds
 POLL_BATCH = 1000  # rows read per table poll
-SPOOL_CHECK_INTERVAL = 0.5  # seconds between looks at the spool directory (a directory listing)
-LIST_CHUNK = 500  # list entries resolved per loop turn, so a long list never stalls monitoring
+SPOOL_CHECK_INTERVAL = 0.5  # seconds between looks at the spool directory (a directory listing) when it is not watched
+SPOOL_WATCHED_CHECK_INTERVAL = 30.0  # the same while inotify reports new lists: a look now and then, in case an event was missed
+NOT_STARTED = "not_started"  # the outcome of an upload handed out ahead that a worker did not start
+COMMIT_DELAY = 0.05  # seconds records that only finish uploads may wait for the next commit (fsync)
+LIST_CHUNK = 100  # list entries resolved per loop turn, so a long list never stalls monitoring
 STOP_DEADLINE = 20.0  # seconds uploads in flight get to finish on SIGTERM; below systemd's default 90 s stop timeout
 COMPACT_CHECK_INTERVAL = 60.0
 FILE_BUSY_RETRY = 10.0  # seconds before a file that was still changing is tried again
@@ -106,6 +109,7 @@ class Agent:
         self.table: ImagesTable | None = None
         self.uploader: Uploader | None = None
         self.watcher: UploadWatcher | None = None
+        self.spool_watcher: SpoolWatcher | None = None
         self.matcher = Matcher(config.monitor.match_timeout)
         self.duplicates: DuplicateIndex | None = None
         self.workers: ThreadPoolExecutor | None = None
@@ -157,12 +161,14 @@ class Agent:
             self.journal = Journal(config.journal_path)
             self._clean_up_originals()
             self._start_database()
-            self.uploader = Uploader(config.s3, config.uploads, config.links, config.piwigo.root, stop=self.abort_event)
+            self.uploader = Uploader(config.s3, config.uploads, config.links, config.piwigo.root, stop=self.abort_event,
+                                     upload_dir=config.piwigo.upload_dir)
             self.duplicates = DuplicateIndex(self.journal.state.md5_index) if config.uploads.prevent_duplicates else None
             self.worker_count = config.uploads.workers
             self.workers = ThreadPoolExecutor(max_workers=self.worker_count, thread_name_prefix="upload")
             self.workers.submit(self._check_store)
             self._create_spool_dir()
+            self._start_spool_watcher()
             self._restore_queue()
             self._start_watcher_if_upload_dir_appeared()
             self._install_signal_handlers()
@@ -180,6 +186,8 @@ class Agent:
                 self.metrics.close()
             if self.watcher is not None:
                 self.watcher.stop()
+            if self.spool_watcher is not None:
+                self.spool_watcher.stop()
             if self.journal is not None:
                 try:
                     self.journal.close()
@@ -248,6 +256,16 @@ class Agent:
         except OSError as error:
             log.warning("spool_unavailable", spool_dir=str(self.config.spool_dir), error=error.strerror,
                         hint="create it and make it writable by this user to use batch mode")
+
+    def _start_spool_watcher(self) -> None:
+        """Watch the spool directory for new lists; without the watch, it is looked at every SPOOL_CHECK_INTERVAL."""
+        watcher = SpoolWatcher(self.config.spool_dir, on_list=lambda: self.inbox.put(("list", None)))
+        try:
+            watcher.start()
+        except WatchError as error:
+            log.warning("spool_watch_failed", error=str(error), hint=f"lists are picked up by looking every {SPOOL_CHECK_INTERVAL:g} s")
+            return
+        self.spool_watcher = watcher
 
     def _start_watcher(self) -> None:
         if not self.config.monitor.enabled or self.watcher is not None:
@@ -330,8 +348,9 @@ class Agent:
             if self.config.batch.tag and now >= self.next_tag_poll:
                 self._poll_tag(now)
             self._release_retries(now)
-            if self._commit(now):
-                self._delete_captures()
+            if self._commit_if_due(now):
+                if not self.journal.buffered:
+                    self._delete_captures()
                 self._dispatch(now)
                 if self._process_spool(now) and self._commit(now):
                     self._dispatch(now)  # what the list just queued goes to idle workers now
@@ -357,6 +376,8 @@ class Agent:
             deadlines.append(self.next_watchdog)
         if self.journal_failing:
             deadlines.append(self.next_journal_retry)
+        if self.journal is not None:
+            deadlines.append(now + self.journal.commit_due(COMMIT_DELAY))
         return max(0.0, min(min(deadlines) - now, 5.0))
 
     def _report_health(self, now: float) -> None:
@@ -412,6 +433,8 @@ class Agent:
                 self._on_file(value)
             elif kind == "result":
                 self._on_result(value)
+            elif kind == "list":
+                self.next_spool_check = 0.0
             elif kind == "lost":
                 log.warning("events_lost", hint="the kernel's inotify queue overflowed; polling the images table now")
                 self.next_poll = 0.0
@@ -429,6 +452,18 @@ class Agent:
         for name in self.captures_to_delete:
             self.originals.delete(name)
         self.captures_to_delete.clear()
+
+    def _commit_if_due(self, now: float) -> bool:
+        """Commit when a buffered record must be durable before the loop acts, or has waited COMMIT_DELAY.
+
+        Records that only finish uploads may wait, so that at a high rate many share one fsync. If
+        a crash loses them, the next start sends those photos again and the conditional write
+        finds the object of our own earlier upload. Returns whether the loop may act.
+        """
+        assert self.journal is not None
+        if self.journal_failing or self.journal.commit_due(COMMIT_DELAY) == 0.0:
+            return self._commit(now)
+        return True
 
     def _commit(self, now: float) -> bool:
         """Make the records of this turn durable before anything is acted on. Returns whether they are.
@@ -653,7 +688,7 @@ class Agent:
         if self.current_list is None:
             if now < self.next_spool_check:
                 return False
-            self.next_spool_check = now + SPOOL_CHECK_INTERVAL
+            self.next_spool_check = now + (SPOOL_WATCHED_CHECK_INTERVAL if self.spool_watcher is not None else SPOOL_CHECK_INTERVAL)
             self._open_next_list()
             if self.current_list is None:
                 return False
@@ -770,7 +805,9 @@ class Agent:
     def _dispatch(self, now: float) -> None:
         """Hand queued uploads to free workers; while the store is failing, send one probe at a time."""
         assert self.journal is not None and self.workers is not None
-        free = self.worker_count - len(self.in_flight)
+        # Twice as many uploads as workers are handed out, so that a worker that finishes starts
+        # the next one at once instead of waiting for this loop's turn (its fsync and its logs).
+        free = 2 * self.worker_count - len(self.in_flight)
         if self.blocked_code is not None:
             if self.in_flight or now < self.probe_at:
                 return
@@ -814,8 +851,15 @@ class Agent:
         )
 
     def _upload(self, request: UploadRequest) -> None:
-        """Run in a worker: upload and post the outcome to the loop."""
+        """Run in a worker: upload and post the outcome to the loop.
+
+        An upload handed out ahead is not started when the agent is stopping, or when the store
+        failed meanwhile and this upload is not the probe.
+        """
         assert self.uploader is not None
+        if self.stop_event.is_set() or (self.blocked_code is not None and request.path != self.probe_path):
+            self.inbox.put(("result", Outcome(path=request.path, event=NOT_STARTED, attempts=0)))
+            return
         outcome = self.uploader.upload(request, self.duplicates)
         self.inbox.put(("result", outcome))
 
@@ -841,6 +885,9 @@ class Agent:
         assert self.journal is not None
         self.in_flight.discard(outcome.path)
         upload = self.journal.state.uploads.get(outcome.path)
+        if outcome.event == NOT_STARTED:
+            self._line_for(upload.source if upload else None).appendleft(outcome.path)
+            return
         attempts = (upload.attempts if upload else 0) + outcome.attempts
         now = time.time()
 
@@ -963,8 +1010,9 @@ class Agent:
             if config.piwigo.upload_path != old.piwigo.upload_path and self.watcher is not None:
                 self.watcher.stop()
                 self.watcher = None  # started again below, on the new upload directory
-        if (config.s3, config.uploads, config.links) != (old.s3, old.uploads, old.links):
-            self.uploader = Uploader(config.s3, config.uploads, config.links, config.piwigo.root, stop=self.abort_event)
+        if (config.s3, config.uploads, config.links, config.piwigo) != (old.s3, old.uploads, old.links, old.piwigo):
+            self.uploader = Uploader(config.s3, config.uploads, config.links, config.piwigo.root, stop=self.abort_event,
+                                     upload_dir=config.piwigo.upload_dir)
             assert self.workers is not None
             self.workers.submit(self._check_store)
         if config.monitor.enabled and self.watcher is None:
@@ -972,6 +1020,13 @@ class Agent:
         elif not config.monitor.enabled and self.watcher is not None:
             self.watcher.stop()
             self.watcher = None
+        if config.spool_dir != old.spool_dir:
+            if self.spool_watcher is not None:
+                self.spool_watcher.stop()
+                self.spool_watcher = None
+            self._create_spool_dir()
+            self._start_spool_watcher()
+            self.next_spool_check = 0.0
         if config.uploads.workers != old.uploads.workers:
             log.warning("reload_partial", hint="uploads.workers changes take effect at the next restart")
         if config.uploads.prevent_duplicates != old.uploads.prevent_duplicates:

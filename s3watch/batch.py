@@ -47,6 +47,10 @@ class Gallery:
     def __init__(self, root: Path, upload_dir: str) -> None:
         self.root = Path(os.path.abspath(root))
         self.allowed = {os.path.realpath(self.root), os.path.realpath(self.root / upload_dir)}
+        self._real_folders: dict[str, str] = {}
+
+    def _inside(self, real: str) -> bool:
+        return any(real == allowed or real.startswith(allowed + os.sep) for allowed in self.allowed)
 
     def relative_path(self, text: str) -> str | None:
         """Turn an entry's path (absolute, or relative to the root with or without './') into a
@@ -65,8 +69,16 @@ class Gallery:
         Returns None when it is, or the reason it is not.
         """
         absolute = os.path.join(self.root, path)
-        real = os.path.realpath(absolute)
-        if not any(real == allowed or real.startswith(allowed + os.sep) for allowed in self.allowed):
+        folder, name = os.path.split(absolute)
+        if name in ("", ".", ".."):
+            real = os.path.realpath(absolute)
+        else:
+            # A list names hundreds of files per day folder: each folder is resolved once.
+            real_folder = self._real_folders.get(folder)
+            if real_folder is None:
+                real_folder = self._real_folders[folder] = os.path.realpath(folder)
+            real = os.path.join(real_folder, name)
+        if not self._inside(real):
             return f"outside the gallery (resolves to {real})"
         try:
             info = os.lstat(absolute)
@@ -75,6 +87,9 @@ class Gallery:
         except OSError as error:
             return f"cannot be read ({error.strerror})"
         if stat.S_ISLNK(info.st_mode):
+            target = os.path.realpath(absolute)
+            if not self._inside(target):
+                return f"outside the gallery (resolves to {target})"
             return "not a regular file (a symbolic link)"
         if not stat.S_ISREG(info.st_mode):
             return "not a regular file"

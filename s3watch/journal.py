@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import gc
 import heapq
+import math
 import os
 import struct
+import time
 from collections import Counter
 from dataclasses import dataclass, fields
 from datetime import datetime, timezone
@@ -462,13 +464,16 @@ class Journal:
     """The journal opened for appending by the one agent that owns the state directory.
 
     Records are buffered by `append` and made durable together by `commit` (group commit):
-    callers must commit before acting on what they appended.
+    callers must commit before acting on what they appended. `commit_due` tells when records
+    that only finish uploads, which no action waits for, have waited long enough.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.state, valid_length = read_journal(path)
         self._buffer: list[bytes] = []
+        self._buffered_at = 0.0  # time.monotonic() of the oldest buffered record
+        self._buffer_gates_action = False  # whether a buffered record must be durable before the agent acts
         self._appended_since_compaction = 0
 
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -498,6 +503,10 @@ class Journal:
         line = orjson.dumps(record) + b"\n"
         self.state.apply(record)
         self.state.records += 1
+        if not self._buffer:
+            self._buffered_at = time.monotonic()
+        if not _FINISHES.get(event, False):
+            self._buffer_gates_action = True
         self._buffer.append(line)
         self._appended_since_compaction += 1
 
@@ -521,6 +530,22 @@ class Journal:
             raise JournalError(f"journal {self.path} could not be written ({error.strerror}): free space in the state directory or fix its permissions") from None
         self._durable_size += len(data)
         self._buffer.clear()
+        self._buffer_gates_action = False
+
+    @property
+    def buffered(self) -> bool:
+        """Whether records are waiting for `commit`."""
+        return bool(self._buffer)
+
+    def commit_due(self, delay: float) -> float:
+        """Return the seconds until the buffered records must be committed: 0 when one of them must
+        be durable before the agent acts (all but records that finish an upload) or the oldest has
+        waited `delay` seconds, and infinity when nothing is buffered."""
+        if not self._buffer:
+            return math.inf
+        if self._buffer_gates_action:
+            return 0.0
+        return max(0.0, self._buffered_at + delay - time.monotonic())
 
     def needs_compaction(self) -> bool:
         """Return whether the file has grown well past one record per upload."""

@@ -11,7 +11,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Collection
 from urllib.parse import quote
 
 import boto3
@@ -153,26 +153,40 @@ def classify_error(error: Exception) -> UploadFailed:
     raise error
 
 
-def open_original(root: Path, path: str) -> tuple[BinaryIO, int]:
-    """Open a photo for reading, refusing anything but a regular file inside the gallery root.
+def open_original(root: Path, path: str, allowed: Collection[str] | None = None) -> tuple[BinaryIO, int]:
+    """Open a photo for reading, refusing anything but a regular file inside the gallery.
 
-    Returns the open file and its size. Raises FileGone when the file is missing, is not a
-    regular file, or resolves (through '..' or symbolic links) to a place outside the root.
+    `allowed` lists the folders, with their symbolic links resolved, that the file may really
+    be in: by default the root alone. Returns the open file and its size. Raises FileGone when
+    the file is missing, is not a regular file, or resolves (through '..' or symbolic links)
+    to a place outside them.
     """
-    real_root = os.path.realpath(root)
-    real = os.path.realpath(os.path.join(root, path))
-    if os.path.commonpath([real_root, real]) != real_root:
-        raise FileGone(f"{path} resolves to {real}, outside the gallery {real_root}")
+    if allowed is None:
+        allowed = (os.path.realpath(root),)
+    absolute = os.path.join(root, path)
     try:
-        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd = os.open(absolute, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: opening a FIFO must not hang
     except FileNotFoundError:
         raise FileGone(f"{path} no longer exists") from None
     except OSError as error:
         raise FileGone(f"{path} could not be opened ({error.strerror})") from None
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
+
+    # The place of the file is checked after opening it, so that no link can be swapped in
+    # between the check and the open. /proc/self/fd names the opened file in one system
+    # call; realpath, which walks every folder of the path, is the fallback without /proc.
+    try:
+        try:
+            real = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            real = os.path.realpath(absolute)
+        if not any(real.startswith(folder.rstrip(os.sep) + os.sep) for folder in allowed):
+            raise FileGone(f"{path} resolves to {real}, outside the gallery {' and '.join(allowed)}")
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise FileGone(f"{path} is not a regular file")
+    except BaseException:
         os.close(fd)
-        raise FileGone(f"{path} is not a regular file")
+        raise
     return os.fdopen(fd, "rb"), info.st_size
 
 
@@ -230,7 +244,9 @@ def make_client(s3: S3Config, workers: int) -> Any:
     config = BotoConfig(
         region_name=s3.region,
         signature_version="s3v4",
-        s3={"addressing_style": style},
+        # Over plain HTTP botocore would otherwise read every file a third time, to sign its
+        # SHA-256. The signed Content-MD5 header, which the store checks, protects the body.
+        s3={"addressing_style": style, "payload_signing_enabled": False},
         retries={"total_max_attempts": 1, "mode": "standard"},
         connect_timeout=s3.connect_timeout,
         read_timeout=s3.read_timeout,
@@ -255,11 +271,14 @@ class Uploader:
     Thread-safe: the workers share one instance.
     """
 
-    def __init__(self, s3: S3Config, uploads: UploadsConfig, links: LinksConfig, root: Path, stop: threading.Event | None = None) -> None:
+    def __init__(self, s3: S3Config, uploads: UploadsConfig, links: LinksConfig, root: Path, stop: threading.Event | None = None,
+                 upload_dir: str = "upload") -> None:
         self.s3 = s3
         self.uploads = uploads
         self.links = links
         self.root = root
+        # The upload directory may be a link to another disk, as batch mode allows.
+        self.allowed = sorted({os.path.realpath(root), os.path.realpath(root / upload_dir)})
         self.client = make_client(s3, uploads.workers)
         self.conditional_writes = s3.conditional_writes != "never"
         self._stop = stop or threading.Event()
@@ -417,7 +436,7 @@ class Uploader:
         else:
             note = None
 
-        handle, _size = open_original(self.root, request.path)
+        handle, _size = open_original(self.root, request.path, self.allowed)
         before = os.fstat(handle.fileno())
         md5, size = _file_md5(handle)
         after = os.fstat(handle.fileno())

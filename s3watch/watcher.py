@@ -27,6 +27,15 @@ except ImportError:  # watchdog before 6 reports no lost events; the table poll 
 
 log = structlog.get_logger("s3watch.watcher")
 
+# The events the handlers use. Passed to watchdog as event_filter, they also set the inotify mask,
+# so that the kernel does not report every open, read and close: Piwigo reads the originals to
+# make thumbnails, and watchdog reads each folder it starts to watch, which on a gallery of
+# thousands of day folders was thousands of events to decode for nothing.
+_UPLOAD_EVENTS: list[type[FileSystemEvent]] = [FileCreatedEvent, FileMovedEvent, FileClosedEvent, DirCreatedEvent, DirMovedEvent]
+if EventsLostEvent is not None:
+    _UPLOAD_EVENTS.append(EventsLostEvent)
+_SPOOL_EVENTS: list[type[FileSystemEvent]] = [FileCreatedEvent, FileMovedEvent, FileClosedEvent]
+
 
 class WatchError(Exception):
     """The upload directory could not be watched; the message names the limit or setting to change."""
@@ -94,7 +103,7 @@ class UploadWatcher:
         observer = InotifyObserver()
         self._watchdog_logger.addHandler(self._limit_handler)
         try:
-            observer.schedule(self._handler, str(self.upload_path), recursive=True)
+            observer.schedule(self._handler, str(self.upload_path), recursive=True, event_filter=_UPLOAD_EVENTS)
             observer.start()
         except OSError as error:
             observer.stop()
@@ -121,3 +130,45 @@ class UploadWatcher:
             self._observer.join(timeout=10)
             self._observer = None
         self._watchdog_logger.removeHandler(self._limit_handler)
+
+
+class _SpoolHandler(FileSystemEventHandler):
+    """Calls `on_list` for every file created, moved in or closed after writing in the spool directory."""
+
+    def __init__(self, on_list: Callable[[], None]) -> None:
+        self.on_list = on_list
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if isinstance(event, (FileCreatedEvent, FileMovedEvent, FileClosedEvent)):
+            self.on_list()
+
+
+class SpoolWatcher:
+    """An inotify watch on the spool directory (not its subfolders), so that a list dropped
+    there is picked up at once instead of at the next look at the directory.
+
+    `on_list` is called from watchdog's thread, possibly several times for one list.
+    """
+
+    def __init__(self, spool_dir: Path, on_list: Callable[[], None]) -> None:
+        self.spool_dir = spool_dir
+        self._handler = _SpoolHandler(on_list)
+        self._observer: InotifyObserver | None = None
+
+    def start(self) -> None:
+        """Start watching. Raises WatchError when inotify refuses or the directory is missing."""
+        observer = InotifyObserver()
+        try:
+            observer.schedule(self._handler, str(self.spool_dir), recursive=False, event_filter=_SPOOL_EVENTS)
+            observer.start()
+        except OSError as error:
+            observer.stop()
+            raise WatchError(f"could not watch {self.spool_dir}: {error.strerror or error}") from None
+        self._observer = observer
+
+    def stop(self) -> None:
+        """Stop watching and wait for watchdog's thread to end."""
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=10)
+            self._observer = None
