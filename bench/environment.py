@@ -219,6 +219,18 @@ def read_cpu_seconds(pid: int) -> float:
     return (user_ticks + system_ticks) / os.sysconf("SC_CLK_TCK")
 
 
+def read_bytes_read(pid: int | str) -> int:
+    """Return the bytes a process has read so far with read() and its kind (rchar in /proc/PID/io).
+
+    That counts reads served from the page cache too, which is what "each byte read at most
+    twice" is about; it also counts the few bytes of S3 and database responses.
+    """
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise BenchError(f"no rchar line in /proc/{pid}/io")
+
+
 def read_resident_bytes(pid: int) -> int:
     """Return a process's resident memory (VmRSS in /proc/PID/status) in bytes."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

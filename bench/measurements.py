@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import io
 import json
+import mimetypes
 import os
 import random
 import resource
@@ -33,7 +34,8 @@ from s3watch.demo import PiwigoImitation
 from s3watch.journal import JOURNAL_VERSION, Journal
 
 from environment import (
-    AgentProcess, BenchError, DataSet, Environment, Photo, parse_iso, read_cpu_seconds, read_resident_bytes, wait_for_uploads,
+    AgentProcess, BenchError, DataSet, Environment, Photo, parse_iso, read_bytes_read, read_cpu_seconds, read_resident_bytes,
+    wait_for_uploads,
 )
 
 READ_SIZE = 1024 * 1024
@@ -59,6 +61,7 @@ class Throughput:
     client_cpu_seconds: float  # CPU used by the uploading process: the agent, this process's threads, or rclone
     server_cpu_seconds: float  # CPU used by SeaweedFS meanwhile
     pickup_seconds: float | None = None  # s3watch only: from the list's drop to its first `queued` record
+    bytes_read: int | None = None  # what the uploading process read meanwhile (rchar), where it can be told apart
     first_upload_seconds: float | None = None  # s3watch only: from the first `queued` to the first `uploaded` record
 
     @property
@@ -68,6 +71,11 @@ class Throughput:
     @property
     def megabytes_per_second(self) -> float:
         return self.bytes / 1e6 / self.seconds
+
+    @property
+    def reads_per_byte(self) -> float | None:
+        """How many times each byte of the data set was read, on average."""
+        return None if self.bytes_read is None else self.bytes_read / self.bytes
 
     @property
     def client_cpu_per_thousand(self) -> float:
@@ -102,6 +110,7 @@ def batch_s3watch(env: Environment, data: DataSet, bucket: str, workers: int, na
         entries.write_text("".join(f"{photo.path}\n" for photo in data.photos))
 
         agent_cpu = read_cpu_seconds(agent.pid)
+        agent_read = read_bytes_read(agent.pid)
         server_cpu = server_cpu_seconds(env)
         with contextlib.redirect_stdout(io.StringIO()) as output:
             status = enqueue(config, [], str(entries))
@@ -112,6 +121,7 @@ def batch_s3watch(env: Environment, data: DataSet, bucket: str, workers: int, na
         paths = [photo.path for photo in data.photos]
         tail, state = wait_for_uploads(agent, config.journal_path, paths, upload_timeout(len(paths), data.total_bytes))
         agent_cpu = read_cpu_seconds(agent.pid) - agent_cpu
+        agent_read = read_bytes_read(agent.pid) - agent_read
         server_cpu = server_cpu_seconds(env) - server_cpu
         finished = max(parse_iso(state.uploads[path].ts) for path in paths)
         first_queued = min(parse_iso(tail.first_ts[(path, "queued")]) for path in paths)
@@ -120,13 +130,13 @@ def batch_s3watch(env: Environment, data: DataSet, bucket: str, workers: int, na
         agent.stop()
     return Throughput(
         files=len(paths), bytes=data.total_bytes, seconds=finished - dropped,
-        client_cpu_seconds=agent_cpu, server_cpu_seconds=server_cpu,
+        client_cpu_seconds=agent_cpu, server_cpu_seconds=server_cpu, bytes_read=agent_read,
         pickup_seconds=first_queued - dropped, first_upload_seconds=first_uploaded - first_queued,
     )
 
 
 def raw_client(env: Environment, workers: int) -> object:
-    """Return a plain boto3 client with s3watch's request settings (path style, checksums only when required)."""
+    """Return a plain boto3 client with s3watch's request settings (path style, checksums only when required, no payload signing)."""
     return boto3.session.Session().client(
         "s3",
         endpoint_url=env.seaweed.endpoint_url,
@@ -135,7 +145,7 @@ def raw_client(env: Environment, workers: int) -> object:
         region_name="us-east-1",
         config=BotoConfig(
             signature_version="s3v4",
-            s3={"addressing_style": "path"},
+            s3={"addressing_style": "path", "payload_signing_enabled": False},
             max_pool_connections=workers,
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
@@ -157,12 +167,14 @@ def batch_raw(env: Environment, data: DataSet, bucket: str, workers: int) -> Thr
     """Upload a data set with a ThreadPoolExecutor of boto3 put_object calls: the limit s3watch is compared with.
 
     Each upload checks integrity as s3watch does: md5 of the file read first, then put_object
-    with ContentMD5 and IfNoneMatch='*'.
+    with ContentMD5 and IfNoneMatch='*'. It writes the object s3watch writes, with the same
+    Content-Type and user metadata (md5, image id, which bytes), because the store's work
+    for those headers is part of the limit.
     """
     client = raw_client(env, workers)
     warm_up(client, bucket)
 
-    def upload(photo: Photo) -> None:
+    def upload(number: int, photo: Photo) -> None:
         with open(data.root / photo.path, "rb") as handle:
             digest = hashlib.md5()
             while chunk := handle.read(READ_SIZE):
@@ -172,17 +184,21 @@ def batch_raw(env: Environment, data: DataSet, bucket: str, workers: int) -> Thr
             client.put_object(  # type: ignore[attr-defined]
                 Bucket=bucket, Key=photo.path, Body=handle, ContentLength=size,
                 ContentMD5=base64.b64encode(digest.digest()).decode("ascii"), IfNoneMatch="*",
+                ContentType=mimetypes.guess_type(photo.path)[0] or "application/octet-stream",
+                Metadata={"md5": digest.hexdigest(), "piwigo-image-id": str(number), "s3watch-bytes": "as-uploaded"},
             )
 
     client_cpu = time.process_time()
+    client_read = read_bytes_read("self")
     server_cpu = server_cpu_seconds(env)
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for _ in pool.map(upload, data.photos):
+        for _ in pool.map(upload, range(1, len(data.photos) + 1), data.photos):
             pass
     seconds = time.perf_counter() - started
     return Throughput(files=len(data.photos), bytes=data.total_bytes, seconds=seconds,
-                      client_cpu_seconds=time.process_time() - client_cpu, server_cpu_seconds=server_cpu_seconds(env) - server_cpu)
+                      client_cpu_seconds=time.process_time() - client_cpu, server_cpu_seconds=server_cpu_seconds(env) - server_cpu,
+                      bytes_read=read_bytes_read("self") - client_read)
 
 
 def batch_rclone(env: Environment, data: DataSet, bucket: str, workers: int, name: str) -> Throughput:
