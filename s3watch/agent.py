@@ -376,7 +376,7 @@ class Agent:
             deadlines.append(self.next_watchdog)
         if self.journal_failing:
             deadlines.append(self.next_journal_retry)
-        if self.journal is not None:
+        elif self.journal is not None:
             deadlines.append(now + self.journal.commit_due(COMMIT_DELAY))
         return max(0.0, min(min(deadlines) - now, 5.0))
 

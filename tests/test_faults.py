@@ -219,6 +219,19 @@ def test_symbolic_link_in_upload_dir_is_never_read(setup: Setup, agent: AgentPro
     assert path not in objects(seaweed, bucket)
 
 
+def test_upload_dir_linked_to_another_disk(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation, seaweed: SeaweedFS, bucket: str, gallery_root: Path, tmp_path: Path) -> None:
+    other_disk = tmp_path / "other-disk"
+    other_disk.mkdir()
+    (gallery_root / "upload").rename(other_disk / "upload")
+    (gallery_root / "upload").symlink_to(other_disk / "upload")
+    agent.start()
+
+    _, path = piwigo.add_photo(sample_photo(3))
+
+    wait_for(lambda: setup.upload_status(path) == "uploaded", what="the photo in the linked upload directory")
+    assert path in objects(seaweed, bucket)
+
+
 def mount_tmpfs(folder: Path, size: str) -> bool:
     folder.mkdir(parents=True, exist_ok=True)
     return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0750", "tmpfs", str(folder)], capture_output=True).returncode == 0
