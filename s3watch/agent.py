@@ -668,7 +668,9 @@ class Agent:
         self.matcher.discard(path)
         self.journal.append("queued", path, image_id=row.id, row_md5=row.md5sum, source=source)
         self._line_for(source).append(path)
-        log.info("queued", path=path, image_id=row.id, source=source)
+        # A list's entries are in its report, and a list of 100,000 photos would log 100,000
+        # lines at once, past journald's default rate limit (10,000 lines in 30 s).
+        (log.debug if source == "batch" else log.info)("queued", path=path, image_id=row.id, source=source)
         if self.blocked_code is not None:
             self._mark_waiting(path, self.blocked_code)
 
