@@ -410,6 +410,8 @@ def read_journal(path: Path) -> tuple[JournalState, int]:
     # garbage collector, which would scan the short-lived record dicts again and again for
     # cycles they cannot form, is paused.
     apply = state.apply
+    apply_upload = state.uploads.apply
+    finishes_upload = _FINISHES.get
     loads = orjson.loads
     collecting = gc.isenabled()
     gc.disable()
@@ -429,7 +431,17 @@ def read_journal(path: Path) -> tuple[JournalState, int]:
                     record = loads(line)
                     if type(record) is not dict:
                         raise ValueError("not a JSON object")
-                    apply(record)
+                    # An upload's record goes straight to the uploads, which is what
+                    # JournalState.apply does too, because a fresh state has no md5 index yet.
+                    event = record["event"]
+                    finishes = finishes_upload(event)
+                    if finishes is None:
+                        apply(record)
+                    else:
+                        upload_path = record["path"]
+                        if type(upload_path) is not str:
+                            raise ValueError(f"path is {type(upload_path).__name__}, not a string")
+                        apply_upload(upload_path, record, finishes)
                 except (ValueError, KeyError, TypeError) as error:
                     bad_line = (
                         f"journal {path} line {number} is corrupt ({type(error).__name__}: {error}): "
