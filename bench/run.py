@@ -294,11 +294,16 @@ def run_batch(env: Environment, prepared: Prepared, results: Results, workers: i
     """Measure s3watch, raw boto3 and rclone on each batch data set, each into a fresh bucket."""
     for name, dataset in prepared.data.items():
         figures: dict[str, measurements.Throughput] = {}
-        for tool in ("s3watch", "raw", "rclone"):
+        # The tools take turns going first: the first upload after the data was generated, or
+        # after another tool's bucket was deleted, can find the disk still busy with that.
+        tools = ["s3watch", "raw"]
+        if measurements.rclone_available():
+            tools.append("rclone")
+        else:
+            results.notes.update(dict.fromkeys([f"batch.{name}.rclone.{kind}" for kind in ("files", "mb", "cpu")], "skipped: rclone is not on PATH"))
+        first = (run - 1) % len(tools)
+        for tool in tools[first:] + tools[:first]:
             keys = [f"batch.{name}.{tool}.{kind}" for kind in ("files", "mb", "cpu")]
-            if tool == "rclone" and not measurements.rclone_available():
-                results.notes.update(dict.fromkeys(keys, "skipped: rclone is not on PATH"))
-                continue
             bucket = env.create_bucket(f"bench-r{run}-{name}-{tool}")
             try:
                 if tool == "s3watch":

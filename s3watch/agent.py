@@ -889,6 +889,8 @@ class Agent:
         upload = self.journal.state.uploads.get(outcome.path)
         if outcome.event == NOT_STARTED:
             self._line_for(upload.source if upload else None).appendleft(outcome.path)
+            if self.blocked_code is not None:
+                self._mark_waiting(outcome.path, self.blocked_code)
             return
         attempts = (upload.attempts if upload else 0) + outcome.attempts
         now = time.time()
