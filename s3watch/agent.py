@@ -26,7 +26,7 @@ from .batch import Gallery, ListRun, resolve_entries
 from .config import Config, ConfigError, load_config
 from .database import DatabaseError, DatabaseUnreachable, FormatRow, ImageRow, ImagesTable, TableMissing
 from .journal import Journal, JournalError, Upload
-from .logs import configure_logging
+from .logs import configure_logging, flush_logs
 from .matcher import Matcher
 from .metrics import Metrics, MetricsError
 from .originals import CaptureSkipped, Originals
@@ -423,6 +423,7 @@ class Agent:
 
     def _handle_messages(self, timeout: float) -> None:
         """Wait up to `timeout` for a message, then take every message waiting."""
+        flush_logs()  # the lines of the last turn, before waiting
         try:
             message = self.inbox.get(timeout=timeout) if timeout > 0 else self.inbox.get_nowait()
         except queue.Empty:
@@ -1037,7 +1038,7 @@ class Agent:
             assert self.journal is not None
             self.duplicates = DuplicateIndex(self.journal.state.md5_index) if config.uploads.prevent_duplicates else None
         if config.log != old.log:
-            configure_logging(config.log.format, config.log.level)
+            configure_logging(config.log.format, config.log.level, buffered=True)
 
         # A setting may have been the cause of every failure: try them all again now.
         self._release_retries(float("inf"))

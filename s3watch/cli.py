@@ -129,17 +129,21 @@ def _run(config: Config) -> int:
     from .agent import Agent, AgentError
     from .database import DatabaseError
     from .journal import JournalError
-    from .logs import configure_logging
+    from .logs import configure_logging, flush_logs
 
-    configure_logging(config.log.format, config.log.level)
+    configure_logging(config.log.format, config.log.level, buffered=True)
     try:
         return Agent(config).run()
     except DatabaseError as error:
+        flush_logs()  # the agent's lines come before the error that ended it
         _error(str(error))
         return EXIT_CONFIG
     except (AgentError, JournalError) as error:
+        flush_logs()
         _error(str(error))
         return EXIT_FAILED
+    finally:
+        flush_logs()
 
 
 def _check(config: Config) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from typing import Any, TextIO
 
 import structlog
@@ -52,7 +53,47 @@ class EventLineRenderer:
         return prefix + line
 
 
-def configure_logging(format: str = "console", level: str = "info", stream: TextIO | None = None) -> None:
+class BufferedLineLogger:
+    """A structlog logger that collects lines until `flush_logs`, which the agent's loop calls once a turn.
+
+    Printing each line is a system call, after which the loop waits for the interpreter lock
+    that the upload workers hold: at hundreds of uploads a second, that was a third of its time.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._lines: list[str] = []
+        self._lock = threading.Lock()
+
+    def msg(self, message: str) -> None:
+        with self._lock:
+            self._lines.append(message)
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+    def flush(self) -> None:
+        """Write the collected lines in one go."""
+        with self._lock:
+            lines, self._lines = self._lines, []
+        if lines:
+            try:
+                self._stream.write("\n".join(lines) + "\n")
+                self._stream.flush()
+            except (OSError, ValueError):
+                pass  # nowhere left to report it: the output was closed
+
+
+_buffered: BufferedLineLogger | None = None
+
+
+def flush_logs() -> None:
+    """Write the log lines collected since the last call (the agent's loop calls this once a turn)."""
+    if _buffered is not None:
+        _buffered.flush()
+
+
+def configure_logging(format: str = "console", level: str = "info", stream: TextIO | None = None, buffered: bool = False) -> None:
     """Set up structlog for the agent's output.
 
     When standard output is connected to the journal, each event goes to journald's native
@@ -74,9 +115,12 @@ def configure_logging(format: str = "console", level: str = "info", stream: Text
     else:
         processors.append(structlog.processors.TimeStamper(fmt="%Y-%m-%dT%H:%M:%S", utc=True))
         processors.append(EventLineRenderer(priority_prefix=False, show_level=True))
+    global _buffered
+    flush_logs()
+    _buffered = BufferedLineLogger(output) if buffered and not under_journal else None
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS.get(level, logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(output),
+        logger_factory=(lambda *_args: _buffered) if _buffered is not None else structlog.PrintLoggerFactory(output),
         cache_logger_on_first_use=False,
     )
