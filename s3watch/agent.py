@@ -82,6 +82,12 @@ def acquire_lock(state_dir: Path) -> int:
     return fd
 
 
+def _store_wide(code: str | None) -> bool:
+    """Tell whether a failure code means the whole store failed (unreachable, denied, no bucket, 5xx), not one file."""
+    status = _http_status(code)
+    return status is not None and (status in STORE_WIDE_STATUSES or status >= 500)
+
+
 def _http_status(code: str | None) -> int | None:
     """Return the HTTP status of a failure code such as failed_code_503 (0: no connection), or None for a local failure."""
     number = str(code).rsplit("_", 1)[-1]
@@ -104,6 +110,9 @@ class Agent:
         self.stop_event = threading.Event()
         self.reload_event = threading.Event()
         self.abort_event = threading.Event()  # set at the stop deadline: workers give up
+        # Set by a worker as soon as the store fails store-wide, before the loop hears of it, so
+        # that uploads handed out ahead do not start meanwhile; cleared when uploads resume.
+        self.store_failed = threading.Event()
 
         self.journal: Journal | None = None
         self.table: ImagesTable | None = None
@@ -860,10 +869,12 @@ class Agent:
         failed meanwhile and this upload is not the probe.
         """
         assert self.uploader is not None
-        if self.stop_event.is_set() or (self.blocked_code is not None and request.path != self.probe_path):
+        if self.stop_event.is_set() or ((self.blocked_code is not None or self.store_failed.is_set()) and request.path != self.probe_path):
             self.inbox.put(("result", Outcome(path=request.path, event=NOT_STARTED, attempts=0)))
             return
         outcome = self.uploader.upload(request, self.duplicates)
+        if outcome.event == "failed" and _store_wide(outcome.code):
+            self.store_failed.set()
         self.inbox.put(("result", outcome))
 
     def _check_store(self) -> None:
@@ -910,8 +921,7 @@ class Agent:
             self.journal.append("failed", outcome.path, code=outcome.code, error=outcome.error, attempts=attempts)
             log.warning("upload_failed", path=outcome.path, image_id=upload.image_id if upload else None, key=outcome.key,
                         code=outcome.code, error=outcome.error, attempts=attempts)
-            status = _http_status(outcome.code)
-            if status is not None and (status in STORE_WIDE_STATUSES or status >= 500):
+            if _store_wide(outcome.code):
                 self._block(outcome.code or "failed_code_0", now, outcome.path)
                 self._line_for(upload.source if upload else None).appendleft(outcome.path)
             elif outcome.code == FILE_BUSY_CODE:
@@ -980,6 +990,7 @@ class Agent:
     def _unblock(self, reason: str) -> None:
         log.info("uploads_resumed", reason=reason, after=self.blocked_code)
         self.blocked_code = None
+        self.store_failed.clear()
         self.probe_delay = FIRST_PROBE_DELAY
 
     def _release_retries(self, now: float) -> None:
