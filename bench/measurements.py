@@ -61,7 +61,7 @@ class Throughput:
     client_cpu_seconds: float  # CPU used by the uploading process: the agent, this process's threads, or rclone
     server_cpu_seconds: float  # CPU used by SeaweedFS meanwhile
     pickup_seconds: float | None = None  # s3watch only: from the list's drop to its first `queued` record
-    bytes_read: int | None = None  # what the uploading process read meanwhile (rchar), where it can be told apart
+    bytes_read: int | None = None  # what the uploading process read meanwhile (rchar); None for rclone, not measured
     first_upload_seconds: float | None = None  # s3watch only: from the first `queued` to the first `uploaded` record
 
     @property

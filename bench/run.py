@@ -177,7 +177,7 @@ def print_report(results: Results, sizes: Sizes, data: dict[str, DataSet], worke
 
     replay_records = 2 * sizes.replay_uploads + 2
     sections.append(("3. Journal", "journal", [
-        # One fsync per record is the disk's fsync rate; the agent commits once per loop turn
+        # One fsync per record is the disk's fsync rate. The agent commits once per loop turn
         # (group commit), so the target applies to the rows with groups.
         *(Row(f"durable records/s, commit every {group}", f"journal.commit.{group}", "records/s", at_least(5000) if group > 1 else None)
           for group in COMMIT_GROUPS),

@@ -57,7 +57,8 @@ class BufferedLineLogger:
     """A structlog logger that collects lines until `flush_logs`, which the agent's loop calls once a turn.
 
     Printing each line is a system call, after which the loop waits for the interpreter lock
-    that the upload workers hold: at hundreds of uploads a second, that was a third of its time.
+    that the upload workers hold. On a batch of small files that was about a third of the
+    loop's busy time.
     """
 
     def __init__(self, stream: TextIO) -> None:
