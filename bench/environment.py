@@ -223,7 +223,7 @@ def read_bytes_read(pid: int | str) -> int:
     """Return the bytes a process has read so far with read() and its kind (rchar in /proc/PID/io).
 
     That counts reads served from the page cache too, which is what "each byte read at most
-    twice" is about; it also counts the few bytes of S3 and database responses.
+    twice" is about. It also counts the few bytes of S3 and database responses.
     """
     for line in Path(f"/proc/{pid}/io").read_text().splitlines():
         if line.startswith("rchar:"):

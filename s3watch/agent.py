@@ -111,7 +111,7 @@ class Agent:
         self.reload_event = threading.Event()
         self.abort_event = threading.Event()  # set at the stop deadline: workers give up
         # Set by a worker as soon as the store fails store-wide, before the loop hears of it, so
-        # that uploads handed out ahead do not start meanwhile; cleared when uploads resume.
+        # that uploads handed out ahead do not start meanwhile. Cleared when uploads resume.
         self.store_failed = threading.Event()
 
         self.journal: Journal | None = None

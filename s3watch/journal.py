@@ -94,7 +94,7 @@ def _make_upload(path: str, record: dict[str, Any]) -> Upload:
 
 
 # A finished upload's packed form is a fixed head, then its time stamp, then any other fields as JSON.
-# The head holds the event, flags saying which fields are present, the codes (indexes into
+# The head contains the event, flags saying which fields are present, the codes (indexes into
 # Uploads._names, 0 for none) of its bucket, source, original and key prefix, then attempts,
 # image_id, bytes, the md5 in ASCII and the length of the time stamp. etag and row_md5 are
 # only ever packed when equal to the md5, and the key only as its prefix followed by the path.
@@ -132,7 +132,7 @@ class Uploads:
     def apply(self, path: str, record: dict[str, Any], finished: bool) -> dict[str, Any] | None:
         """Merge one upload record into the upload at `path`. The record may be kept: do not change it afterwards.
 
-        `finished` tells whether the record's event finishes the upload. Returns the upload's
+        `finished` is True when the record's event finishes the upload. Returns the upload's
         merged record when it does, otherwise None.
         """
         merged = self._unfinished.pop(path, None)
@@ -476,7 +476,7 @@ class Journal:
     """The journal opened for appending by the one agent that owns the state directory.
 
     Records are buffered by `append` and made durable together by `commit` (group commit):
-    callers must commit before acting on what they appended. `commit_due` tells when records
+    callers must commit before acting on what they appended. `commit_due` returns when records
     that only finish uploads, which no action waits for, have waited long enough.
     """
 
@@ -550,9 +550,11 @@ class Journal:
         return bool(self._buffer)
 
     def commit_due(self, delay: float) -> float:
-        """Return the seconds until the buffered records must be committed: 0 when one of them must
-        be durable before the agent acts (all but records that finish an upload) or the oldest has
-        waited `delay` seconds, and infinity when nothing is buffered."""
+        """Return the seconds until the buffered records must be committed, or infinity when none are.
+
+        It is 0 when a buffered record must be durable before the agent acts, which is every
+        record but those that finish an upload. It is also 0 once the oldest has waited `delay`.
+        """
         if not self._buffer:
             return math.inf
         if self._buffer_gates_action:

@@ -211,12 +211,7 @@ def _parse_head(raw: bytes) -> tuple[str, list[tuple[str, str]]]:
 async def _body_pieces(reader: asyncio.StreamReader, length: int | None) -> AsyncIterator[bytes]:
     """Yield a message body as it is on the wire: `length` bytes, or chunked when `length` is None."""
     if length is not None:
-        left = length
-        while left > 0:
-            piece = await reader.read(min(left, RELAY_CHUNK))
-            if not piece:
-                raise asyncio.IncompleteReadError(b"", left)
-            left -= len(piece)
+        async for piece in _exactly(reader, length):
             yield piece
         return
     while True:
@@ -229,13 +224,19 @@ async def _body_pieces(reader: asyncio.StreamReader, length: int | None) -> Asyn
                 yield trailer
                 if trailer == b"\r\n":
                     return
-        left = size + 2  # the chunk and its CRLF
-        while left > 0:
-            piece = await reader.read(min(left, RELAY_CHUNK))
-            if not piece:
-                raise asyncio.IncompleteReadError(b"", left)
-            left -= len(piece)
+        async for piece in _exactly(reader, size + 2):  # the chunk and its CRLF
             yield piece
+
+
+async def _exactly(reader: asyncio.StreamReader, count: int) -> AsyncIterator[bytes]:
+    """Yield the next `count` bytes in pieces of at most RELAY_CHUNK. Raises IncompleteReadError at an early end."""
+    left = count
+    while left > 0:
+        piece = await reader.read(min(left, RELAY_CHUNK))
+        if not piece:
+            raise asyncio.IncompleteReadError(b"", left)
+        left -= len(piece)
+        yield piece
 
 
 async def _relay_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter | None, length: int | None,
