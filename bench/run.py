@@ -159,6 +159,7 @@ def print_report(results: Results, sizes: Sizes, data: dict[str, DataSet], worke
                 rows.append(Row(f"{label}: reads of each byte", f"batch.{name}.{tool}.reads", "times", at_most_rounded(2.0) if tool == "s3watch" else None))
         rows.append(Row("s3watch / raw", f"batch.{name}.ratio.files", "files/s", at_least(0.9)))
         rows.append(Row("s3watch / raw", f"batch.{name}.ratio.mb", "MB/s", at_least(0.9)))
+        rows.append(Row("s3watch / rclone copy", f"batch.{name}.ratio_rclone", "files/s, MB/s", at_least(1.0)))
         rows.append(Row("s3watch: list dropped to first queued", f"batch.{name}.s3watch.pickup", "s"))
         rows.append(Row("s3watch: first queued to first uploaded", f"batch.{name}.s3watch.first_upload", "s"))
         title = (f"1. Batch throughput, {name}: {len(dataset.photos):,} files, {dataset.total_bytes / 1e6:,.0f} MB, "
@@ -349,6 +350,10 @@ def run_batch(env: Environment, prepared: Prepared, results: Results, workers: i
             # Both upload the same files, so the files/s and MB/s ratios are the same number.
             results.add(f"batch.{name}.ratio.files", ratio)
             results.add(f"batch.{name}.ratio.mb", ratio)
+        if "s3watch" in figures and "rclone" in figures:
+            results.add(f"batch.{name}.ratio_rclone", figures["rclone"].seconds / figures["s3watch"].seconds)
+        elif "rclone" not in tools:
+            results.notes[f"batch.{name}.ratio_rclone"] = "skipped: rclone is not on PATH"
 
 
 def run_latency(env: Environment, prepared: Prepared, results: Results, sizes: Sizes, workers: int, run: int, runs: int) -> None:
