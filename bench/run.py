@@ -390,6 +390,8 @@ def run_journal(env: Environment, prepared: Prepared, results: Results, sizes: S
         rates.append(f"every {group}: {rate:,.0f}")
     progress(run, runs, f"journal durable records/s, commit {', '.join(rates)}")
     try:
+        # As for the batch clocks: the commit rates above leave dirty pages to write back.
+        measurements.settle(env)
         replay = measurements.replay(prepared.replay_journal, sizes.replay_uploads)
     except BenchError as error:
         progress(run, runs, f"journal replay: FAILED: {error}")

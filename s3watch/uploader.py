@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import mimetypes
 import os
 import stat
@@ -26,6 +27,10 @@ log = structlog.get_logger("s3watch.uploader")
 
 MAX_KEY_BYTES = 1024
 READ_SIZE = 1024 * 1024
+# A file up to this size, below the multipart threshold, is read into memory once, hashed and
+# sent from there: each byte is read from disk once, and the bytes sent are the bytes hashed.
+# A larger one is read twice (to hash, then to send), so that a worker holds at most this much.
+IN_MEMORY_LIMIT = 16 * 1024 * 1024
 
 # Error codes (S3's `Code` element) that mean the store is busy or the request may succeed if sent again.
 TRANSIENT_CODES = frozenset(
@@ -190,13 +195,39 @@ def open_original(root: Path, path: str, allowed: Collection[str] | None = None)
     return os.fdopen(fd, "rb"), info.st_size
 
 
-def _file_md5(handle: BinaryIO) -> tuple[str, int]:
-    digest = hashlib.md5()
-    size = 0
-    while chunk := handle.read(READ_SIZE):
-        digest.update(chunk)
-        size += len(chunk)
-    return digest.hexdigest(), size
+def _read_body(handle: BinaryIO, path: str, in_memory_limit: int) -> tuple[BinaryIO, str, int, os.stat_result]:
+    """Read an open file from its start for its md5 and size, and return what to send.
+
+    Returns (body, md5, size, the file's status after the read). The body is the content in
+    memory when the file is at most `in_memory_limit` bytes, and the file is then closed; else
+    it is the file itself, rewound. The file is also closed on error. Raises FileBusy when the
+    file changed while it was read, and OSError.
+    """
+    try:
+        before = os.fstat(handle.fileno())
+        body: BinaryIO
+        if before.st_size <= in_memory_limit:
+            # One byte more than expected: a file that grew meanwhile shows as a size mismatch.
+            data = handle.read(before.st_size + 1)
+            body, md5, size = io.BytesIO(data), hashlib.md5(data).hexdigest(), len(data)
+        else:
+            digest = hashlib.md5()
+            size = 0
+            while chunk := handle.read(READ_SIZE):
+                digest.update(chunk)
+                size += len(chunk)
+            handle.seek(0)
+            body, md5 = handle, digest.hexdigest()
+        after = os.fstat(handle.fileno())
+        if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns) or size != after.st_size:
+            raise FileBusy(f"{path} changed while it was read")
+    except BaseException:
+        handle.close()
+        raise
+
+    if body is not handle:
+        handle.close()
+    return body, md5, size, after
 
 
 def _content_md5(data: bytes) -> str:
@@ -391,8 +422,8 @@ class Uploader:
             raise
 
     def _attempt_upload(self, request: UploadRequest, duplicates: DuplicateIndex | None) -> Outcome:
-        handle, md5, size, note = self._open_source(request)
-        with handle:
+        body, md5, size, note = self._open_source(request)
+        with body:
             original = None
             if request.format_id is None and request.row_md5:
                 original = "as_uploaded" if md5 == request.row_md5 else "as_stored"
@@ -408,7 +439,7 @@ class Uploader:
 
             uploaded = False
             try:
-                outcome = self._send(request, handle, md5, size, original)
+                outcome = self._send(request, body, md5, size, original)
                 uploaded = outcome.event == "uploaded"
                 return Outcome(**{**outcome.__dict__, "original": original, "original_note": note if original == "as_stored" else None})
             finally:
@@ -418,38 +449,34 @@ class Uploader:
     def _open_source(self, request: UploadRequest) -> tuple[BinaryIO, str, int, str | None]:
         """Open what to send: the copy taken on arrival when it is proven original, else the file.
 
-        Returns the open file (at its start), its md5 and size, and a note when a copy on arrival
-        was there but is not the original. Raises FileGone.
+        Returns what to send (the content in memory, or the open file at its start), its md5
+        and size, and a note when a copy on arrival was there but is not the original. Raises
+        FileGone, FileBusy when the file changed while it was read, and OSError.
         """
+        in_memory_limit = min(IN_MEMORY_LIMIT, self.uploads.multipart_threshold - 1)
         if request.capture is not None:
             try:
-                handle = open(request.capture, "rb")
-            except OSError:
+                body, md5, size, _after = _read_body(open(request.capture, "rb"), request.capture, in_memory_limit)
+            except FileNotFoundError:
                 note = "the copy taken on arrival is missing"
+            except (OSError, FileBusy) as error:
+                note = f"the copy taken on arrival could not be read: {error}"
             else:
-                md5, size = _file_md5(handle)
                 if md5 == request.row_md5:
-                    handle.seek(0)
-                    return handle, md5, size, None
-                handle.close()
+                    return body, md5, size, None
+                body.close()
                 note = "the copy taken on arrival does not match the images row's md5sum: the file was rewritten before it could be copied"
         else:
             note = None
 
         handle, _size = open_original(self.root, request.path, self.allowed)
-        before = os.fstat(handle.fileno())
-        md5, size = _file_md5(handle)
-        after = os.fstat(handle.fileno())
-        if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns) or size != after.st_size:
-            handle.close()
-            raise FileBusy(f"{request.path} changed while it was read")
+        body, md5, size, after = _read_body(handle, request.path, in_memory_limit)
         if request.row_md5 and md5 != request.row_md5 and time.time() - after.st_mtime < SETTLE_SECONDS:
-            handle.close()
+            body.close()
             raise FileBusy(f"{request.path} changed less than {SETTLE_SECONDS:g} s ago and does not match its images row")
-        handle.seek(0)
-        return handle, md5, size, note
+        return body, md5, size, note
 
-    def _send(self, request: UploadRequest, handle: BinaryIO, md5: str, size: int, original: str | None) -> Outcome:
+    def _send(self, request: UploadRequest, body: BinaryIO, md5: str, size: int, original: str | None) -> Outcome:
         """Send the file unless an object is already at the key. Raises UploadFailed."""
         metadata = {"md5": md5}
         if request.image_id is not None:
@@ -469,10 +496,10 @@ class Uploader:
 
         try:
             if size >= self.uploads.multipart_threshold:
-                etag = self._put_multipart(request.key, handle, md5, size, metadata, content_type)
+                etag = self._put_multipart(request.key, body, md5, size, metadata, content_type)
             else:
                 response = self.client.put_object(
-                    Bucket=self.s3.bucket, Key=request.key, Body=handle, ContentLength=size,
+                    Bucket=self.s3.bucket, Key=request.key, Body=body, ContentLength=size,
                     ContentMD5=base64.b64encode(bytes.fromhex(md5)).decode("ascii"),
                     ContentType=content_type, Metadata=metadata,
                     **({"IfNoneMatch": "*"} if self.conditional_writes else {}),
@@ -511,7 +538,7 @@ class Uploader:
         except botocore.exceptions.BotoCoreError as error:
             raise classify_error(error) from None
 
-    def _put_multipart(self, key: str, handle: BinaryIO, md5: str, size: int, metadata: dict[str, str], content_type: str) -> str:
+    def _put_multipart(self, key: str, body: BinaryIO, md5: str, size: int, metadata: dict[str, str], content_type: str) -> str:
         """Upload in parts, each with its own Content-MD5, and complete only if the whole md5 still matches."""
         created = self.client.create_multipart_upload(Bucket=self.s3.bucket, Key=key, Metadata=metadata, ContentType=content_type)
         upload_id = created["UploadId"]
@@ -519,7 +546,7 @@ class Uploader:
             parts = []
             whole = hashlib.md5()
             number = 1
-            while chunk := handle.read(self.uploads.part_size):
+            while chunk := body.read(self.uploads.part_size):
                 whole.update(chunk)
                 response = self.client.upload_part(
                     Bucket=self.s3.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=chunk, ContentMD5=_content_md5(chunk)

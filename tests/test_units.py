@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import pytest
 
 from s3watch.journal import Journal, JournalError, JournalState, Uploads, read_journal, repair_journal
 from s3watch.matcher import Matcher
-from s3watch.uploader import classify_error, object_key
+from s3watch.uploader import _read_body, classify_error, object_key
 
 
 def test_object_key_from_template() -> None:
@@ -56,6 +58,30 @@ def test_error_codes(error: Exception, code: str, transient: bool) -> None:
     failure = classify_error(error)
     assert failure.code == code
     assert failure.transient is transient
+
+
+def test_small_file_is_read_once_into_memory(tmp_path: Path) -> None:
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(b"jpeg" * 1000)
+    handle = open(photo, "rb")
+
+    body, md5, size, _after = _read_body(handle, "photo.jpg", in_memory_limit=4000)
+
+    assert isinstance(body, io.BytesIO) and body.read() == b"jpeg" * 1000
+    assert (md5, size) == (hashlib.md5(b"jpeg" * 1000).hexdigest(), 4000)
+    assert handle.closed
+
+
+def test_large_file_is_hashed_then_rewound(tmp_path: Path) -> None:
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(b"jpeg" * 1000)
+    handle = open(photo, "rb")
+
+    body, md5, size, _after = _read_body(handle, "photo.jpg", in_memory_limit=3999)
+
+    assert body is handle and not handle.closed and handle.tell() == 0
+    assert (md5, size) == (hashlib.md5(b"jpeg" * 1000).hexdigest(), 4000)
+    handle.close()
 
 
 def test_journal_replays_state_and_index(tmp_path: Path) -> None:
