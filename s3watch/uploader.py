@@ -32,6 +32,9 @@ READ_SIZE = 1024 * 1024
 # A larger one is read twice (to hash, then to send), so that a worker holds at most this much.
 IN_MEMORY_LIMIT = 16 * 1024 * 1024
 
+# What an upload sends: the content in memory, or the open file.
+Body = bytes | BinaryIO
+
 # Error codes (S3's `Code` element) that mean the store is busy or the request may succeed if sent again.
 TRANSIENT_CODES = frozenset(
     {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "Throttling", "ThrottlingException",
@@ -195,21 +198,21 @@ def open_original(root: Path, path: str, allowed: Collection[str] | None = None)
     return os.fdopen(fd, "rb"), info.st_size
 
 
-def _read_body(handle: BinaryIO, path: str, in_memory_limit: int) -> tuple[BinaryIO, str, int, os.stat_result]:
+def _read_body(handle: BinaryIO, path: str, in_memory_limit: int) -> tuple[Body, str, int, os.stat_result]:
     """Read an open file from its start for its md5 and size, and return what to send.
 
-    Returns (body, md5, size, the file's status after the read). The body is the content in
-    memory when the file is at most `in_memory_limit` bytes, and the file is then closed; else
+    Returns (body, md5, size, the file's status after the read). The body is the content, as
+    bytes, when the file is at most `in_memory_limit` bytes, and the file is then closed; else
     it is the file itself, rewound. The file is also closed on error. Raises FileBusy when the
     file changed while it was read, and OSError.
     """
     try:
         before = os.fstat(handle.fileno())
-        body: BinaryIO
+        body: Body
         if before.st_size <= in_memory_limit:
             # One byte more than expected: a file that grew meanwhile shows as a size mismatch.
-            data = handle.read(before.st_size + 1)
-            body, md5, size = io.BytesIO(data), hashlib.md5(data).hexdigest(), len(data)
+            body = handle.read(before.st_size + 1)
+            md5, size = hashlib.md5(body).hexdigest(), len(body)
         else:
             digest = hashlib.md5()
             size = 0
@@ -228,6 +231,12 @@ def _read_body(handle: BinaryIO, path: str, in_memory_limit: int) -> tuple[Binar
     if body is not handle:
         handle.close()
     return body, md5, size, after
+
+
+def _close(body: Body) -> None:
+    """Close `body` if it is an open file; content in memory needs nothing."""
+    if not isinstance(body, bytes):
+        body.close()
 
 
 def _content_md5(data: bytes) -> str:
@@ -423,7 +432,7 @@ class Uploader:
 
     def _attempt_upload(self, request: UploadRequest, duplicates: DuplicateIndex | None) -> Outcome:
         body, md5, size, note = self._open_source(request)
-        with body:
+        try:
             original = None
             if request.format_id is None and request.row_md5:
                 original = "as_uploaded" if md5 == request.row_md5 else "as_stored"
@@ -445,11 +454,13 @@ class Uploader:
             finally:
                 if claimed:
                     duplicates.release(md5, request.key, uploaded)  # type: ignore[union-attr]
+        finally:
+            _close(body)
 
-    def _open_source(self, request: UploadRequest) -> tuple[BinaryIO, str, int, str | None]:
+    def _open_source(self, request: UploadRequest) -> tuple[Body, str, int, str | None]:
         """Open what to send: the copy taken on arrival when it is proven original, else the file.
 
-        Returns what to send (the content in memory, or the open file at its start), its md5
+        Returns what to send (the content as bytes, or the open file at its start), its md5
         and size, and a note when a copy on arrival was there but is not the original. Raises
         FileGone, FileBusy when the file changed while it was read, and OSError.
         """
@@ -464,7 +475,7 @@ class Uploader:
             else:
                 if md5 == request.row_md5:
                     return body, md5, size, None
-                body.close()
+                _close(body)
                 note = "the copy taken on arrival does not match the images row's md5sum: the file was rewritten before it could be copied"
         else:
             note = None
@@ -472,11 +483,11 @@ class Uploader:
         handle, _size = open_original(self.root, request.path, self.allowed)
         body, md5, size, after = _read_body(handle, request.path, in_memory_limit)
         if request.row_md5 and md5 != request.row_md5 and time.time() - after.st_mtime < SETTLE_SECONDS:
-            body.close()
+            _close(body)
             raise FileBusy(f"{request.path} changed less than {SETTLE_SECONDS:g} s ago and does not match its images row")
         return body, md5, size, note
 
-    def _send(self, request: UploadRequest, body: BinaryIO, md5: str, size: int, original: str | None) -> Outcome:
+    def _send(self, request: UploadRequest, body: Body, md5: str, size: int, original: str | None) -> Outcome:
         """Send the file unless an object is already at the key. Raises UploadFailed."""
         metadata = {"md5": md5}
         if request.image_id is not None:
@@ -496,7 +507,7 @@ class Uploader:
 
         try:
             if size >= self.uploads.multipart_threshold:
-                etag = self._put_multipart(request.key, body, md5, size, metadata, content_type)
+                etag = self._put_multipart(request.key, io.BytesIO(body) if isinstance(body, bytes) else body, md5, size, metadata, content_type)
             else:
                 response = self.client.put_object(
                     Bucket=self.s3.bucket, Key=request.key, Body=body, ContentLength=size,
