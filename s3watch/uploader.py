@@ -32,7 +32,7 @@ READ_SIZE = 1024 * 1024
 # A larger one is read twice (to hash, then to send), so that a worker holds at most this much.
 IN_MEMORY_LIMIT = 16 * 1024 * 1024
 
-# What an upload sends: the content in memory, or the open file.
+# The body of an upload: the content in memory, or the open file.
 Body = bytes | BinaryIO
 
 # Error codes (S3's `Code` element) that mean the store is busy or the request may succeed if sent again.
@@ -201,9 +201,9 @@ def open_original(root: Path, path: str, allowed: Collection[str] | None = None)
 def _read_body(handle: BinaryIO, path: str, in_memory_limit: int) -> tuple[Body, str, int, os.stat_result]:
     """Read an open file from its start for its md5 and size, and return what to send.
 
-    Returns (body, md5, size, the file's status after the read). The body is the content, as
-    bytes, when the file is at most `in_memory_limit` bytes, and the file is then closed; else
-    it is the file itself, rewound. The file is also closed on error. Raises FileBusy when the
+    Returns (body, md5, size, the file's status after the read). A file of at most
+    `in_memory_limit` bytes is read into memory and closed, and the body is its content as
+    bytes. A larger file is the body itself, rewound. The file is also closed on error. Raises FileBusy when the
     file changed while it was read, and OSError.
     """
     try:

@@ -78,7 +78,9 @@ def test_large_file_is_hashed_then_rewound(tmp_path: Path) -> None:
 
     body, md5, size, _after = _read_body(handle, "photo.jpg", in_memory_limit=3999)
 
-    assert body is handle and not handle.closed and handle.tell() == 0
+    assert body is handle
+    assert not handle.closed
+    assert handle.tell() == 0
     assert (md5, size) == (hashlib.md5(b"jpeg" * 1000).hexdigest(), 4000)
     handle.close()
 
