@@ -110,6 +110,7 @@ _HEAD_ORDER = ("md5", "etag", "row_md5", "key", "attempts", "image_id", "bytes",
 _OPTIONAL_INT = (int, type(None))
 _FINISHES = {event: status in FINISHED for event, status in STATUS_BY_EVENT.items()}
 _EVENT_CODES = {event: code for code, event in enumerate(_EVENTS)}
+_ONES = bytes(bin(flags).count("1") for flags in range(64))  # the number of fields each value of the flags says are present
 
 
 class Uploads:
@@ -171,10 +172,7 @@ class Uploads:
         Returns None, or raises TypeError, ValueError, AttributeError or struct.error, for any
         other upload. This runs for every finished upload at every start, hence the terse checks.
         """
-        values = tuple(map(merged.get, _HEAD_ORDER))
-        if len(merged) != 3 + len(values) - values.count(None):
-            return None  # a field the head has no room for, or a null: event, path and detected_ts are the other 3
-        md5, etag, row_md5, key, attempts, image_id, size, ts, bucket, source, original = values
+        md5, etag, row_md5, key, attempts, image_id, size, ts, bucket, source, original = map(merged.get, _HEAD_ORDER)
         if (etag is not None and etag != md5) or (row_md5 is not None and row_md5 != md5):
             return None
         if type(attempts) not in _OPTIONAL_INT or type(image_id) not in _OPTIONAL_INT or type(size) not in _OPTIONAL_INT:
@@ -184,10 +182,6 @@ class Uploads:
         elif key.endswith(path):
             prefix = key[: len(key) - len(path)]
         else:
-            return None
-        md5_bytes = b"" if md5 is None else md5.encode("ascii")
-        ts_bytes = (ts or "").encode("utf-8")
-        if (md5 is not None and len(md5_bytes) != 32) or len(ts_bytes) > 255:
             return None
 
         names = (bucket, source, original, prefix)
@@ -201,6 +195,15 @@ class Uploads:
 
         flags = ((md5 is not None) | (etag is not None) << 1 | (row_md5 is not None) << 2 | (attempts is not None) << 3
                  | (image_id is not None) << 4 | (size is not None) << 5)
+        # Event, path and detected_ts aside, every field must be one the head holds: another
+        # field, or a null, would be lost.
+        present = _ONES[flags] + (key is not None) + (ts is not None) + (bucket is not None) + (source is not None) + (original is not None)
+        if len(merged) != 3 + present:
+            return None
+        md5_bytes = b"" if md5 is None else md5.encode("ascii")
+        ts_bytes = (ts or "").encode("utf-8")
+        if (md5 is not None and len(md5_bytes) != 32) or len(ts_bytes) > 255:
+            return None
         head = _HEAD.pack(_EVENT_CODES[merged["event"]], flags, *codes, attempts or 0, image_id or 0, size or 0, md5_bytes, len(ts_bytes))
         return head + ts_bytes
 
