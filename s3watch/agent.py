@@ -673,8 +673,9 @@ class Agent:
     def _queue(self, path: str, row: ImageRow, source: str | None = None) -> None:
         """Record a matched file as queued and put it in line for an upload."""
         assert self.journal is not None
-        upload = self.journal.state.uploads.get(path)
-        source = source or (upload.source if upload else None) or "monitor"
+        if source is None:
+            upload = self.journal.state.uploads.get(path)
+            source = (upload.source if upload else None) or "monitor"
         self.matcher.discard(path)
         self.journal.append("queued", path, image_id=row.id, row_md5=row.md5sum, source=source)
         self._line_for(source).append(path)

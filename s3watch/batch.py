@@ -58,10 +58,9 @@ class Gallery:
         candidate = text if os.path.isabs(text) else os.path.join(self.root, text)
         normal = os.path.normpath(candidate)
         root = str(self.root)
-        if normal != root and not normal.startswith(root + os.sep):
-            return None
-        relative = os.path.relpath(normal, root)
-        return None if relative == "." else relative
+        if not normal.startswith(root + os.sep):
+            return None  # outside, or the root itself
+        return normal[len(root) + 1:]
 
     def check_file(self, path: str) -> str | None:
         """Check that a gallery path is a regular file inside the gallery.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import threading
 from typing import Any, TextIO
@@ -16,6 +17,10 @@ SYSLOG_PRIORITIES = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical"
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
+# A value with one of these (space, quote, equals sign, backslash, control characters) is quoted.
+_NEEDS_QUOTES = re.compile(r'[ "=\\\x00-\x1f]')
+
+
 def _render_value(value: Any) -> str:
     if isinstance(value, str):
         text = value
@@ -23,7 +28,7 @@ def _render_value(value: Any) -> str:
         text = str(value)
     else:
         text = repr(value)
-    if text == "" or any(char in text for char in ' "=\\') or any(ord(char) < 0x20 for char in text):
+    if text == "" or _NEEDS_QUOTES.search(text):
         escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
         return f'"{escaped}"'
     return text

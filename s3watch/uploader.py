@@ -7,6 +7,7 @@ import hashlib
 import io
 import mimetypes
 import os
+import re
 import stat
 import threading
 import time
@@ -26,6 +27,7 @@ from .config import LinksConfig, S3Config, UploadsConfig
 log = structlog.get_logger("s3watch.uploader")
 
 MAX_KEY_BYTES = 1024
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 READ_SIZE = 1024 * 1024
 # A file up to this size, below the multipart threshold, is read into memory once, hashed and
 # sent from there: each byte is read from disk once, and the bytes sent are the bytes hashed.
@@ -125,7 +127,7 @@ def object_key(template: str, prefix: str, path: str, image_id: int | None, md5:
         raise ValueError("the key template gave an empty key")
     if size > MAX_KEY_BYTES:
         raise ValueError(f"key is {size} bytes, over S3's limit of {MAX_KEY_BYTES}: shorten s3.prefix or the file name")
-    if any(ord(char) < 0x20 or ord(char) == 0x7F for char in key):
+    if _CONTROL_CHARACTERS.search(key):
         raise ValueError(f"key {key!r} contains control characters, which S3 listings cannot return: rename the file")
     return key
 
