@@ -571,7 +571,7 @@ class Agent:
                 self.journal.append("unmatched", path, error=f"no images row for this file within {timeout:g} s")
                 if self.metrics is not None:
                     self.metrics.uploads.labels(outcome="unmatched").inc()
-                self._forget_capture(path)
+                self._forget_capture(self.journal.state.uploads.get(path))
                 log.warning("unmatched", path=path, waited_s=timeout)
 
     def _poll_table(self, now: float) -> None:
@@ -942,7 +942,7 @@ class Agent:
         self.journal.append(outcome.event, outcome.path, **fields)
         if outcome.event == "uploaded":
             self.last_upload_ts = time.strftime("%Y-%m-%d %H:%M:%S")
-        self._forget_capture(outcome.path)
+        self._forget_capture(upload)
         for waiting in self.waiting_for_parent.pop(outcome.path, []):
             self.ready.appendleft(waiting)
         if outcome.event == "gone":
@@ -954,10 +954,8 @@ class Agent:
         if outcome.event in ("uploaded", "already_present", "duplicate") and self.blocked_code is not None:
             self._unblock("store answered again")
 
-    def _forget_capture(self, path: str) -> None:
+    def _forget_capture(self, upload: Upload | None) -> None:
         """Schedule an upload's copy on arrival for deletion once its final record is committed."""
-        assert self.journal is not None
-        upload = self.journal.state.uploads.get(path)
         if upload is not None and upload.capture:
             self.captures_to_delete.append(upload.capture)
 

@@ -12,7 +12,7 @@ import stat
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, BinaryIO, Collection
 from urllib.parse import quote
 
@@ -113,7 +113,7 @@ def object_key(template: str, prefix: str, path: str, image_id: int | None, md5:
     `path` is images.path without './'. Raises ValueError when the result is not a valid key
     (empty, over 1024 bytes in UTF-8, or with control characters or undecodable bytes).
     """
-    name = PurePosixPath(path).name
+    name = path.rstrip("/").rpartition("/")[2]
     stem, dot, ext = name.rpartition(".")
     key = template.format(
         prefix=prefix, path=path, image_id=image_id if image_id is not None else "", md5=md5 or "",
@@ -205,8 +205,8 @@ def _read_body(handle: BinaryIO, path: str, in_memory_limit: int) -> tuple[Body,
 
     Returns (body, md5, size, the file's status after the read). A file of at most
     `in_memory_limit` bytes is read into memory and closed, and the body is its content as
-    bytes. A larger file is the body itself, rewound. The file is also closed on error. Raises FileBusy when the
-    file changed while it was read, and OSError.
+    bytes. A larger file is the body itself, rewound. The file is also closed on error.
+    Raises FileBusy when the file changed while it was read, and OSError.
     """
     try:
         before = os.fstat(handle.fileno())
