@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -174,6 +175,10 @@ class AgentProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def logged(self, event: str) -> bool:
+        """Tell whether the agent logged `event` as a whole word: `ready` is not `store_ready`."""
+        return re.search(rf"(?m)(^|\s){re.escape(event)}(\s|$)", self.log()) is not None
 
     def signal(self, number: int) -> None:
         assert self.process is not None

@@ -379,7 +379,7 @@ def test_event_queue_overflow_loses_no_photo(setup: Setup, agent: AgentProcess, 
         # The limit stays low until the agent is ready: watchdog may create its inotify
         # instance a moment after the agent logs that it is watching.
         agent.start()
-        wait_for(lambda: "ready" in agent.log(), what="the agent to be ready")
+        wait_for(lambda: agent.logged("ready"), what="the agent to be ready")
 
         # Stopped, the agent reads no events, so the burst overflows its 16-event queue for sure.
         agent.signal(signal.SIGSTOP)
@@ -419,7 +419,7 @@ def test_watch_limit_is_reported_and_photos_still_found(setup: Setup, agent: Age
 def test_folders_created_and_filled_at_once(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation, gallery_root: Path) -> None:
     setup.update("monitor", poll_interval=30)  # the watcher, not the poll, must find these
     agent.start()
-    wait_for(lambda: "ready" in agent.log(), what="the agent to be ready")
+    wait_for(lambda: agent.logged("ready"), what="the agent to be ready")
     paths = []
     for number in range(40):
         data = sample_photo(number)

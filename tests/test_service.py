@@ -60,7 +60,7 @@ def test_notify_ready_status_watchdog_reload_stop(setup: Setup, agent: AgentProc
     agent.start()
     wait_for(lambda: notify.has("READY", "1") is not None, what="READY=1")
     assert "watching" in agent.log()
-    assert "ready" in agent.log()
+    wait_for(lambda: agent.logged("ready"), what="the ready event in the log")  # lines are written once a loop turn
     first_ready = notify.has("READY", "1")
     assert first_ready is not None
     assert "pending" in notify.messages[first_ready]["STATUS"]
