@@ -46,25 +46,30 @@ class _Handler(FileSystemEventHandler):
     moved in right after its folder was created can arrive before the folder's watch."""
 
     def __init__(self, on_file: Callable[[str], None], on_events_lost: Callable[[], None]) -> None:
-        self.on_file = on_file
-        self.on_events_lost = on_events_lost
+        # Not named on_events_lost: watchdog calls the handler's on_events_lost(event) method,
+        # and an attribute of that name taking no event raised TypeError in its thread, which
+        # ended the thread and with it every later file event.
+        self._on_file = on_file
+        self._report_events_lost = on_events_lost
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if EventsLostEvent is not None and isinstance(event, EventsLostEvent):
-            self.on_events_lost()
-        elif isinstance(event, FileMovedEvent):
-            self.on_file(os.fsdecode(event.dest_path))
+        if isinstance(event, FileMovedEvent):
+            self._on_file(os.fsdecode(event.dest_path))
         elif isinstance(event, (FileCreatedEvent, FileClosedEvent)):
-            self.on_file(os.fsdecode(event.src_path))
+            self._on_file(os.fsdecode(event.src_path))
         elif isinstance(event, DirMovedEvent):
             self._scan(os.fsdecode(event.dest_path))
         elif isinstance(event, DirCreatedEvent):
             self._scan(os.fsdecode(event.src_path))
 
+    def on_events_lost(self, event: FileSystemEvent) -> None:
+        """Report an overflow of the kernel's event queue; watchdog calls this for an EventsLostEvent."""
+        self._report_events_lost()
+
     def _scan(self, folder: str) -> None:
         for current, _folders, files in os.walk(folder):
             for name in files:
-                self.on_file(os.path.join(current, name))
+                self._on_file(os.path.join(current, name))
 
 
 class _WatchLimitHandler(logging.Handler):
@@ -136,11 +141,11 @@ class _SpoolHandler(FileSystemEventHandler):
     """Calls `on_list` for every file created, moved in or closed after writing in the spool directory."""
 
     def __init__(self, on_list: Callable[[], None]) -> None:
-        self.on_list = on_list
+        self._on_list = on_list
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if isinstance(event, (FileCreatedEvent, FileMovedEvent, FileClosedEvent)):
-            self.on_list()
+            self._on_list()
 
 
 class SpoolWatcher:

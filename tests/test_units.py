@@ -12,6 +12,7 @@ import pytest
 from s3watch.journal import Journal, JournalError, JournalState, Uploads, read_journal, repair_journal
 from s3watch.matcher import Matcher
 from s3watch.uploader import _read_body, classify_error, object_key
+from s3watch.watcher import _Handler
 
 
 def test_object_key_from_template() -> None:
@@ -57,6 +58,22 @@ def test_error_codes(error: Exception, code: str, transient: bool) -> None:
     failure = classify_error(error)
     assert failure.code == code
     assert failure.transient is transient
+
+
+def test_watch_handler_reports_lost_events_and_goes_on() -> None:
+    events = pytest.importorskip("watchdog.events")
+    if not hasattr(events, "EventsLostEvent"):
+        pytest.skip("this watchdog reports no lost events")
+    files: list[str] = []
+    losses: list[None] = []
+    handler = _Handler(on_file=files.append, on_events_lost=lambda: losses.append(None))
+
+    # Through watchdog's own dispatch, as its observer thread calls it.
+    handler.dispatch(events.EventsLostEvent("/gallery/upload", is_directory=True))
+    handler.dispatch(events.FileCreatedEvent("/gallery/upload/2026/12/05/photo.jpg"))
+
+    assert losses == [None]
+    assert files == ["/gallery/upload/2026/12/05/photo.jpg"]
 
 
 def test_small_file_is_read_once_into_memory(tmp_path: Path) -> None:
