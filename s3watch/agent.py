@@ -8,6 +8,7 @@ change is made, journalled and fsynced in one place, in order.
 from __future__ import annotations
 
 import fcntl
+import math
 import os
 import queue
 import signal
@@ -140,6 +141,7 @@ class Agent:
         self.next_watchdog = 0.0
         self.ready_sent = False
         self.last_upload_ts: str | None = None
+        self.events_lost_at = -math.inf  # time.monotonic() of the latest report of an inotify overflow
         self.last_error: str | None = None
         self.metrics: Metrics | None = None
         self.next_metrics = 0.0
@@ -446,7 +448,10 @@ class Agent:
             elif kind == "list":
                 self.next_spool_check = 0.0
             elif kind == "lost":
-                log.warning("events_lost", hint="the kernel's inotify queue overflowed; polling the images table now")
+                # watchdog may report one overflow twice: with its event and with its warning.
+                if time.monotonic() - self.events_lost_at > 1.0:
+                    log.warning("events_lost", hint="the kernel's inotify queue overflowed; polling the images table now")
+                self.events_lost_at = time.monotonic()
                 self.next_poll = 0.0
             elif kind == "watch_limit" and not self.watch_limit_reported:
                 self.watch_limit_reported = True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import botocore.exceptions
@@ -12,7 +13,7 @@ import pytest
 from s3watch.journal import Journal, JournalError, JournalState, Uploads, read_journal, repair_journal
 from s3watch.matcher import Matcher
 from s3watch.uploader import _read_body, classify_error, object_key
-from s3watch.watcher import _Handler
+from s3watch.watcher import _Handler, _WatchdogLogHandler
 
 
 def test_object_key_from_template() -> None:
@@ -74,6 +75,19 @@ def test_watch_handler_reports_lost_events_and_goes_on() -> None:
 
     assert losses == [None]
     assert files == ["/gallery/upload/2026/12/05/photo.jpg"]
+
+
+def test_watchdog_overflow_warning_reports_lost_events() -> None:
+    losses: list[None] = []
+    limits: list[str] = []
+    handler = _WatchdogLogHandler(on_watch_limit=limits.append, on_events_lost=lambda: losses.append(None))
+    overflow = logging.LogRecord("watchdog.observers.inotify", logging.WARNING, __file__, 1,
+                                 "Inotify queue overflowed; reconciling recursive watches below %r", (b"/gallery/upload",), None)
+
+    handler.emit(overflow)
+
+    assert losses == [None]
+    assert limits == []
 
 
 def test_small_file_is_read_once_into_memory(tmp_path: Path) -> None:
