@@ -261,10 +261,10 @@ def batch_rclone(env: Environment, data: DataSet, bucket: str, workers: int, nam
 
 
 def _rclone_environment() -> dict[str, str]:
-    """Return this process's environment without the AWS settings that would reach rclone.
+    """Return this process's environment without the AWS_* variables, for rclone.
 
     rclone 1.60 fails at start ("unable to load custom CA bundle") when AWS_CA_BUNDLE is set,
-    though the store here speaks plain HTTP; its remote is fully set by its config file.
+    even though the store here speaks plain HTTP. Its config file sets everything it needs.
     """
     return {name: value for name, value in os.environ.items() if not name.startswith("AWS_")}
 

@@ -49,6 +49,7 @@ SPOOL_CHECK_INTERVAL = 0.5  # seconds between looks at the spool directory (a di
 SPOOL_WATCHED_CHECK_INTERVAL = 30.0  # the same while inotify reports new lists: a look now and then, in case an event was missed
 NOT_STARTED = "not_started"  # the outcome of an upload handed out ahead that a worker did not start
 COMMIT_DELAY = 0.05  # seconds records that only finish uploads may wait for the next commit (fsync)
+EVENTS_LOST_REPEAT = 1.0  # seconds within which another report of an inotify overflow is the same overflow
 LIST_CHUNK = 100  # list entries resolved per loop turn, so a long list never stalls monitoring
 STOP_DEADLINE = 20.0  # seconds uploads in flight get to finish on SIGTERM; below systemd's default 90 s stop timeout
 COMPACT_CHECK_INTERVAL = 60.0
@@ -448,8 +449,8 @@ class Agent:
             elif kind == "list":
                 self.next_spool_check = 0.0
             elif kind == "lost":
-                # watchdog may report one overflow twice: with its event and with its warning.
-                if time.monotonic() - self.events_lost_at > 1.0:
+                # watchdog may report one overflow twice, with its event and with its warning.
+                if time.monotonic() - self.events_lost_at > EVENTS_LOST_REPEAT:
                     log.warning("events_lost", hint="the kernel's inotify queue overflowed; polling the images table now")
                 self.events_lost_at = time.monotonic()
                 self.next_poll = 0.0

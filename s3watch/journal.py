@@ -110,7 +110,7 @@ _HEAD_ORDER = ("md5", "etag", "row_md5", "key", "attempts", "image_id", "bytes",
 _OPTIONAL_INT = (int, type(None))
 _FINISHES = {event: status in FINISHED for event, status in STATUS_BY_EVENT.items()}
 _EVENT_CODES = {event: code for code, event in enumerate(_EVENTS)}
-_ONES = bytes(bin(flags).count("1") for flags in range(64))  # the number of fields each value of the flags says are present
+_ONES = bytes(bin(flags).count("1") for flags in range(64))  # for each value of the flags, the number of fields present
 
 
 class Uploads:

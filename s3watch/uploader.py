@@ -31,7 +31,7 @@ _CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 READ_SIZE = 1024 * 1024
 # A file up to this size, below the multipart threshold, is read into memory once, hashed and
 # sent from there: each byte is read from disk once, and the bytes sent are the bytes hashed.
-# A larger one is read twice (to hash, then to send), so that a worker holds at most this much.
+# A larger one is read twice (to hash, then to send), so a worker keeps at most this much in memory.
 IN_MEMORY_LIMIT = 16 * 1024 * 1024
 
 # The body of an upload: the content in memory, or the open file.

@@ -46,9 +46,8 @@ class _Handler(FileSystemEventHandler):
     moved in right after its folder was created can arrive before the folder's watch."""
 
     def __init__(self, on_file: Callable[[str], None], on_events_lost: Callable[[], None]) -> None:
-        # Not named on_events_lost: watchdog calls the handler's on_events_lost(event) method,
-        # and an attribute of that name taking no event raised TypeError in its thread, which
-        # ended the thread and with it every later file event.
+        # Not named on_events_lost, because watchdog calls the handler's on_events_lost(event).
+        # A callback of that name without the event argument raised TypeError and ended watchdog's thread.
         self._on_file = on_file
         self._report_events_lost = on_events_lost
 
@@ -73,23 +72,22 @@ class _Handler(FileSystemEventHandler):
 
 
 class _WatchdogLogHandler(logging.Handler):
-    """Catches watchdog's warnings that a folder below the root could not be watched (watch limit
-    reached) and that the kernel's event queue overflowed."""
+    """A log handler for watchdog's warnings that a folder below the root could not be watched
+    (watch limit reached) and that the kernel's event queue overflowed."""
 
     def __init__(self, on_watch_limit: Callable[[str], None], on_events_lost: Callable[[], None]) -> None:
         super().__init__(level=logging.WARNING)
         self._on_watch_limit = on_watch_limit
-        self._on_events_lost = on_events_lost
+        self._report_events_lost = on_events_lost
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
         if "Unable to watch" in message:
             self._on_watch_limit(message)
         elif "queue overflowed" in message:
-            # watchdog 7 logs this for a recursive watch as it rebuilds it. Its EventsLostEvent
-            # did not reach the handler in about one run in ten of the overflow test, so the
-            # warning is a second way in: the agent takes a repeated report as one.
-            self._on_events_lost()
+            # watchdog 7 logs this for a recursive watch as it rebuilds it. Its EventsLostEvent was
+            # seen not to reach the handler, so the warning reports the loss too. The agent logs repeats once.
+            self._report_events_lost()
 
 
 class UploadWatcher:

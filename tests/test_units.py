@@ -61,7 +61,7 @@ def test_error_codes(error: Exception, code: str, transient: bool) -> None:
     assert failure.transient is transient
 
 
-def test_watch_handler_reports_lost_events_and_goes_on() -> None:
+def test_handler_reports_lost_events() -> None:
     events = pytest.importorskip("watchdog.events")
     if not hasattr(events, "EventsLostEvent"):
         pytest.skip("this watchdog reports no lost events")
@@ -77,7 +77,7 @@ def test_watch_handler_reports_lost_events_and_goes_on() -> None:
     assert files == ["/gallery/upload/2026/12/05/photo.jpg"]
 
 
-def test_watchdog_overflow_warning_reports_lost_events() -> None:
+def test_overflow_warning_reports_lost_events() -> None:
     losses: list[None] = []
     limits: list[str] = []
     handler = _WatchdogLogHandler(on_watch_limit=limits.append, on_events_lost=lambda: losses.append(None))
@@ -90,7 +90,7 @@ def test_watchdog_overflow_warning_reports_lost_events() -> None:
     assert limits == []
 
 
-def test_small_file_is_read_once_into_memory(tmp_path: Path) -> None:
+def test_small_file_read_into_memory(tmp_path: Path) -> None:
     photo = tmp_path / "photo.jpg"
     photo.write_bytes(b"jpeg" * 1000)
     handle = open(photo, "rb")
@@ -102,7 +102,7 @@ def test_small_file_is_read_once_into_memory(tmp_path: Path) -> None:
     assert handle.closed
 
 
-def test_large_file_is_hashed_then_rewound(tmp_path: Path) -> None:
+def test_large_file_hashed_then_rewound(tmp_path: Path) -> None:
     photo = tmp_path / "photo.jpg"
     photo.write_bytes(b"jpeg" * 1000)
     handle = open(photo, "rb")
