@@ -32,6 +32,7 @@ from s3watch.commands import enqueue
 from s3watch.config import load_config
 from s3watch.demo import PiwigoImitation
 from s3watch.journal import JOURNAL_VERSION, Journal
+from s3watch.uploader import expect_continue_only_for_large_bodies
 
 from environment import (
     AgentProcess, BenchError, DataSet, Environment, Photo, parse_iso, read_bytes_read, read_cpu_seconds, read_resident_bytes,
@@ -151,8 +152,12 @@ def batch_s3watch(env: Environment, data: DataSet, bucket: str, workers: int, na
 
 
 def raw_client(env: Environment, workers: int) -> object:
-    """Return a plain boto3 client with s3watch's request settings (path style, checksums only when required, no payload signing)."""
-    return boto3.session.Session().client(
+    """Return a plain boto3 client with s3watch's request settings.
+
+    Those are: path style, checksums only when required, no payload signing, and Expect:
+    100-continue only for bodies of 2 MiB and more.
+    """
+    client = boto3.session.Session().client(
         "s3",
         endpoint_url=env.seaweed.endpoint_url,
         aws_access_key_id=env.seaweed.access_key,
@@ -166,6 +171,8 @@ def raw_client(env: Environment, workers: int) -> object:
             response_checksum_validation="when_required",
         ),
     )
+    client.meta.events.register_last("before-call.s3", expect_continue_only_for_large_bodies)
+    return client
 
 
 def warm_up(client: object, bucket: str) -> None:

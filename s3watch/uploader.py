@@ -18,6 +18,7 @@ from urllib.parse import quote
 
 import boto3
 import botocore.exceptions
+import botocore.utils
 import structlog
 from botocore.config import Config as BotoConfig
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, stop_any, wait_random_exponential
@@ -33,6 +34,8 @@ READ_SIZE = 1024 * 1024
 # sent from there: each byte is read from disk once, and the bytes sent are the bytes hashed.
 # A larger one is read twice (to hash, then to send), so a worker keeps at most this much in memory.
 IN_MEMORY_LIMIT = 16 * 1024 * 1024
+# Bodies from this size on are sent with Expect: 100-continue; see expect_continue_only_for_large_bodies.
+EXPECT_CONTINUE_THRESHOLD = 2 * 1024 * 1024
 
 # The body of an upload: the content in memory, or the open file.
 Body = bytes | BinaryIO
@@ -298,13 +301,35 @@ def make_client(s3: S3Config, workers: int) -> Any:
         user_agent_extra="s3watch",
     )
     session = boto3.session.Session()
-    return session.client(
+    client = session.client(
         "s3",
         endpoint_url=s3.endpoint_url,
         aws_access_key_id=s3.access_key_id,
         aws_secret_access_key=s3.secret_access_key,
         config=config,
     )
+    # Last, so that it runs after botocore's own handler that adds the header.
+    client.meta.events.register_last("before-call.s3", expect_continue_only_for_large_bodies)
+    return client
+
+
+def expect_continue_only_for_large_bodies(params: dict[str, Any], **_kwargs: Any) -> None:
+    """Remove the Expect: 100-continue header that botocore adds to every PutObject and UploadPart, if the body is under 2 MiB.
+
+    With the header, the body waits for the store's 100 Continue, a round trip per upload. That
+    only pays off when the store may refuse the request before a large body has been sent for
+    nothing. The AWS SDKs for Go (which rclone uses) and Kotlin send the header from 2 MiB on
+    too. A botocore `before-call` handler: it changes `params` in place.
+    """
+    headers = params.get("headers", {})
+    if headers.get("Expect") != "100-continue":
+        return
+
+    length = headers.get("Content-Length")
+    if length is None:
+        length = botocore.utils.determine_content_length(params.get("body"))
+    if length is not None and int(length) < EXPECT_CONTINUE_THRESHOLD:
+        del headers["Expect"]
 
 
 class Uploader:

@@ -1,4 +1,4 @@
-"""Small units: keys, error codes, the journal file, its packed uploads and the matcher's schedule."""
+"""Small units: keys, error codes, the Expect header, the journal file, its packed uploads and the matcher's schedule."""
 
 from __future__ import annotations
 
@@ -10,10 +10,13 @@ from pathlib import Path
 import botocore.exceptions
 import pytest
 
+from s3watch.config import load_config
 from s3watch.journal import Journal, JournalError, JournalState, Uploads, read_journal, repair_journal
 from s3watch.matcher import Matcher
-from s3watch.uploader import _read_body, classify_error, object_key
+from s3watch.uploader import EXPECT_CONTINUE_THRESHOLD, UploadRequest, Uploader, _read_body, classify_error, object_key
 from s3watch.watcher import _Handler, _WatchdogLogHandler
+
+from .conftest import Setup
 
 
 def test_object_key_from_template() -> None:
@@ -114,6 +117,23 @@ def test_large_file_hashed_then_rewound(tmp_path: Path) -> None:
     assert handle.tell() == 0
     assert (md5, size) == (hashlib.md5(b"jpeg" * 1000).hexdigest(), 4000)
     handle.close()
+
+
+def test_expect_continue_only_for_bodies_from_2_mib(setup: Setup, gallery_root: Path) -> None:
+    config = load_config(setup.path)
+    uploader = Uploader(config.s3, config.uploads, config.links, gallery_root)
+    expect_headers: dict[str, str | None] = {}
+    uploader.client.meta.events.register(
+        "before-send.s3.PutObject", lambda request, **_: expect_headers.__setitem__(request.url.rsplit("/", 1)[-1], request.headers.get("Expect")))
+    sizes = {"small.jpg": 150_000, "just-below.jpg": EXPECT_CONTINUE_THRESHOLD - 1, "large.jpg": EXPECT_CONTINUE_THRESHOLD}
+
+    for name, size in sizes.items():
+        content = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+        (gallery_root / "upload" / name).write_bytes(content)
+        outcome = uploader.upload(UploadRequest(path=f"upload/{name}", image_id=1, key=f"expect/{name}", row_md5=hashlib.md5(content).hexdigest()), None)
+        assert (outcome.event, outcome.bytes) == ("uploaded", size)
+
+    assert {name: expect_headers[name] for name in sizes} == {"small.jpg": None, "just-below.jpg": None, "large.jpg": b"100-continue"}
 
 
 def test_journal_replays_state_and_index(tmp_path: Path) -> None:
