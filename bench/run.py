@@ -2,7 +2,7 @@
 
 Run from the repository root inside the project's virtual environment:
 
-    .venv/bin/python bench/run.py            # 3 runs of everything, 11 to 14 minutes on 2 cores
+    .venv/bin/python bench/run.py            # 5 runs of everything, about 28 minutes on 2 cores
     .venv/bin/python bench/run.py --quick    # 1 run on smaller data, about 1 minute
 
 It starts its own SeaweedFS on free loopback ports and creates its own MariaDB database
@@ -424,7 +424,7 @@ def run_idle(env: Environment, prepared: Prepared, results: Results, sizes: Size
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Benchmark s3watch: batch throughput, latency, journal and idle cost.")
     parser.add_argument("--quick", action="store_true", help="one run on smaller data, as a smoke test (about 1 minute)")
-    parser.add_argument("--runs", type=int, default=None, metavar="N", help="repetitions of each measurement (default: 3, or 1 with --quick)")
+    parser.add_argument("--runs", type=int, default=None, metavar="N", help="repetitions of each measurement (default: 5, or 1 with --quick)")
     parser.add_argument("--workers", type=int, default=4, metavar="N", help="upload workers for s3watch, raw boto3 and rclone (default: 4, s3watch's default)")
     parser.add_argument("--only", action="append", choices=SECTIONS, metavar="SECTION",
                         help=f"run only this section ({', '.join(SECTIONS)}); repeat for several")
@@ -445,7 +445,7 @@ def _interrupt(_signum: int, _frame: FrameType | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     arguments = parse_arguments(argv)
     sizes = QUICK if arguments.quick else FULL
-    runs = arguments.runs or (1 if arguments.quick else 3)
+    runs = arguments.runs or (1 if arguments.quick else 5)
     sections = set(arguments.only or SECTIONS)
 
     # SIGTERM takes the same way out as Ctrl-C, through the clean-up below. SIGINT gets its
