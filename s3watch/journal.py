@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import heapq
 import math
+import operator
 import os
 import struct
 import time
@@ -107,6 +108,8 @@ _HAS_IMAGE_ID = 16
 _HAS_BYTES = 32
 _EVENTS = tuple(STATUS_BY_EVENT)
 _HEAD_ORDER = ("md5", "etag", "row_md5", "key", "attempts", "image_id", "bytes", "ts", "bucket", "source", "original")
+_HEAD_FIELDS = operator.itemgetter(*_HEAD_ORDER)
+_ALL_FIELDS = 3 + len(_HEAD_ORDER)  # event, path, detected_ts and every field of the head
 _OPTIONAL_INT = (int, type(None))
 _FINISHES = {event: status in FINISHED for event, status in STATUS_BY_EVENT.items()}
 _EVENT_CODES = {event: code for code, event in enumerate(_EVENTS)}
@@ -172,7 +175,15 @@ class Uploads:
         Returns None, or raises TypeError, ValueError, AttributeError or struct.error, for any
         other upload. This runs for every finished upload at every start, hence the terse checks.
         """
-        md5, etag, row_md5, key, attempts, image_id, size, ts, bucket, source, original = map(merged.get, _HEAD_ORDER)
+        if len(merged) == _ALL_FIELDS:
+            # The usual finished upload: every field of the head, read in one call.
+            try:
+                values = _HEAD_FIELDS(merged)
+            except KeyError:
+                return None  # then another field stands in the place of one of them
+        else:
+            values = tuple(map(merged.get, _HEAD_ORDER))
+        md5, etag, row_md5, key, attempts, image_id, size, ts, bucket, source, original = values
         if (etag is not None and etag != md5) or (row_md5 is not None and row_md5 != md5):
             return None
         if type(attempts) not in _OPTIONAL_INT or type(image_id) not in _OPTIONAL_INT or type(size) not in _OPTIONAL_INT:

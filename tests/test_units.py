@@ -233,6 +233,7 @@ UPLOADED = {"ts": "2025-01-01T00:00:00.540Z", "event": "uploaded", "path": PHOTO
     {"source": None, "bucket": ["not", "a", "string"]},
     {"ts": "2025-01-01T00:00:00.540+01:00 été"},
     {"future_field": {"nested": [1, 2]}},
+    {"etag": None, "future_field": 1},
     {"path": "upload/2015/01/01/photo été.jpg", "key": "upload/2015/01/01/photo été.jpg"},
 ])
 def test_finished_upload_unpacks_as_recorded(changes: dict[str, object]) -> None:
@@ -247,6 +248,16 @@ def test_finished_upload_unpacks_as_recorded(changes: dict[str, object]) -> None
     assert uploads.record_of(path) == {**queued, **finished}
     upload = uploads[path]
     assert (upload.path, upload.event, upload.ts, upload.key) == (path, finished["event"], finished["ts"], finished.get("key"))
+
+
+@pytest.mark.parametrize("field", ["original", "bucket", "md5", "attempts"])
+def test_finished_upload_keeps_a_null_field(field: str) -> None:
+    uploads = Uploads()
+
+    uploads.apply(PHOTO, dict(QUEUED), finished=False)
+    uploads.apply(PHOTO, {**UPLOADED, field: None}, finished=True)
+
+    assert uploads.record_of(PHOTO) == {**QUEUED, **UPLOADED, field: None}
 
 
 def test_packed_upload_is_small() -> None:
