@@ -2,7 +2,7 @@
 
 Run from the repository root inside the project's virtual environment:
 
-    .venv/bin/python bench/run.py            # 5 runs of everything, about 28 minutes on 2 cores
+    .venv/bin/python bench/run.py            # 5 runs of everything, about 17 minutes on 2 cores
     .venv/bin/python bench/run.py --quick    # 1 run on smaller data, about 1 minute
 
 It starts its own SeaweedFS on free loopback ports and creates its own MariaDB database
