@@ -181,7 +181,7 @@ class Uploads:
             try:
                 values = _HEAD_FIELDS(merged)
             except KeyError:
-                return None  # then another field stands in the place of one of them
+                return None  # a field of the head is missing and an unknown field takes its place
         else:
             values = tuple(map(merged.get, _HEAD_ORDER))
         md5, etag, row_md5, key, attempts, image_id, size, ts, bucket, source, original = values

@@ -34,7 +34,7 @@ READ_SIZE = 1024 * 1024
 # sent from there: each byte is read from disk once, and the bytes sent are the bytes hashed.
 # A larger one is read twice (to hash, then to send), so a worker keeps at most this much in memory.
 IN_MEMORY_LIMIT = 16 * 1024 * 1024
-# Bodies from this size on are sent with Expect: 100-continue; see expect_continue_only_for_large_bodies.
+# Bodies from this size on are sent with Expect: 100-continue (see expect_continue_only_for_large_bodies).
 EXPECT_CONTINUE_THRESHOLD = 2 * 1024 * 1024
 
 # The body of an upload: the content in memory, or the open file.
@@ -317,7 +317,7 @@ def expect_continue_only_for_large_bodies(params: dict[str, Any], **_kwargs: Any
     """Remove the Expect: 100-continue header that botocore adds to every PutObject and UploadPart, if the body is under 2 MiB.
 
     With the header, the body waits for the store's 100 Continue, a round trip per upload. That
-    only pays off when the store may refuse the request before a large body has been sent for
+    only pays off when the store may reject the request before a large body has been sent for
     nothing. The AWS SDKs for Go (which rclone uses) and Kotlin send the header from 2 MiB on
     too. A botocore `before-call` handler: it changes `params` in place.
     """

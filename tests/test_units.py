@@ -119,7 +119,7 @@ def test_large_file_hashed_then_rewound(tmp_path: Path) -> None:
     handle.close()
 
 
-def test_expect_continue_only_for_bodies_from_2_mib(setup: Setup, gallery_root: Path) -> None:
+def test_expect_header_from_2_mib(setup: Setup, gallery_root: Path) -> None:
     config = load_config(setup.path)
     uploader = Uploader(config.s3, config.uploads, config.links, gallery_root)
     expect_headers: dict[str, str | None] = {}
@@ -251,7 +251,7 @@ def test_finished_upload_unpacks_as_recorded(changes: dict[str, object]) -> None
 
 
 @pytest.mark.parametrize("field", ["original", "bucket", "md5", "attempts"])
-def test_finished_upload_keeps_a_null_field(field: str) -> None:
+def test_packed_upload_keeps_null_field(field: str) -> None:
     uploads = Uploads()
 
     uploads.apply(PHOTO, dict(QUEUED), finished=False)
