@@ -108,7 +108,10 @@ class Agent:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
+        # SimpleQueue, not Queue: its put() may interrupt a get() in the same thread, as the
+        # signal handlers' does, without deadlocking; and it is implemented in C, which matters
+        # at hundreds of results a second.
+        self.inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self.stop_event = threading.Event()
         self.reload_event = threading.Event()
         self.abort_event = threading.Event()  # set at the stop deadline: workers give up
