@@ -56,6 +56,7 @@ COMPACT_CHECK_INTERVAL = 60.0
 FILE_BUSY_RETRY = 10.0  # seconds before a file that was still changing is tried again
 JOURNAL_RETRY_INTERVAL = 5.0  # seconds between attempts to write the journal while the disk refuses
 METRICS_INTERVAL = 5.0  # seconds between updates of the gauges that need a scan
+STATUS_INTERVAL = 1.0  # seconds between STATUS= messages to systemd; at hundreds of uploads a second each turn would send one
 
 
 class AgentError(Exception):
@@ -143,6 +144,8 @@ class Agent:
         self.notifier = Notifier.from_environment()
         self.watchdog_interval = self.notifier.watchdog_interval()
         self.next_watchdog = 0.0
+        self.next_status = 0.0
+        self.status_due = False  # the status may have changed since the last one sent
         self.ready_sent = False
         self.last_upload_ts: str | None = None
         self.events_lost_at = -math.inf  # time.monotonic() of the latest report of an inotify overflow
@@ -389,6 +392,8 @@ class Agent:
             deadlines.append(self.probe_at)
         if self.watchdog_interval is not None:
             deadlines.append(self.next_watchdog)
+        if self.status_due:
+            deadlines.append(self.next_status)
         if self.journal_failing:
             deadlines.append(self.next_journal_retry)
         elif self.journal is not None:
@@ -406,8 +411,11 @@ class Agent:
             self.ready_sent = True
             self.notifier.ready(self._status_line())
             log.info("ready", pending=self._pending_count())
-        elif self.ready_sent:
-            self.notifier.status(self._status_line())
+        elif self.ready_sent and self.notifier.enabled:
+            # At most one status a second; a change within that second is sent at its end.
+            self.status_due = now < self.next_status
+            if not self.status_due and self.notifier.status(self._status_line()):
+                self.next_status = now + STATUS_INTERVAL
         if self.watchdog_interval is not None and now >= self.next_watchdog:
             self.notifier.watchdog()
             self.next_watchdog = now + self.watchdog_interval

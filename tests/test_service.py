@@ -9,11 +9,13 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from s3watch.agent import STATUS_INTERVAL
 from s3watch.demo import PiwigoImitation, sample_photo
 from s3watch.seaweed import free_ports
 
@@ -86,6 +88,25 @@ def test_notify_ready_status_watchdog_reload_stop(setup: Setup, agent: AgentProc
     before = len(notify.messages)
     assert agent.stop() == 0
     assert notify.has("STOPPING", "1", after=before) is not None
+
+
+def test_status_is_sent_at_most_once_a_second(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation, notify: NotifyListener) -> None:
+    # Without the watchdog's pings the loop turns only for work and deadlines, so the last
+    # status must come from the deadline the rate limit sets.
+    agent.environment.pop("WATCHDOG_USEC")
+    agent.start()
+    wait_for(lambda: notify.has("READY", "1") is not None, what="READY=1")
+    before = len(notify.messages)
+    started = time.monotonic()
+
+    paths = [piwigo.add_photo(sample_photo(n))[1] for n in range(30)]
+    wait_for(lambda: all(setup.upload_status(p) == "uploaded" for p in paths), what="30 uploads")
+    wait_for(lambda: (notify.receive() or [m for m in notify.messages if "STATUS" in m])[-1]["STATUS"].startswith("0 pending; last upload 2"),
+             what="the status after the last upload")
+    elapsed = time.monotonic() - started
+
+    sent = [m for m in notify.messages[before:] if "STATUS" in m]
+    assert 2 <= len(sent) <= elapsed / STATUS_INTERVAL + 2
 
 
 def test_ready_waits_for_journal_replay(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation, notify: NotifyListener) -> None:
