@@ -355,6 +355,15 @@ class Uploader:
         self._stop = stop or threading.Event()
         self._store_checked = False
         self._store_lock = threading.Lock()
+        # One Retrying serves every worker: tenacity keeps a call's state and statistics per thread.
+        self._retrying = Retrying(
+            stop=stop_any(stop_after_attempt(uploads.attempts), lambda _state: self._stop.is_set()),
+            wait=wait_random_exponential(multiplier=0.5, max=30),
+            retry=retry_if_exception(_worth_retrying),
+            before_sleep=_log_retry,
+            sleep=self._stop.wait,
+            reraise=True,
+        )
 
     # Checks -------------------------------------------------------------------------------
 
@@ -419,38 +428,17 @@ class Uploader:
         Returns the outcome; failures are returned as an outcome with event `failed`, never raised.
         """
         started = time.monotonic()
-        attempts = 0
-
-        def count(_state: RetryCallState) -> None:
-            nonlocal attempts
-            attempts += 1
-
-        def log_retry(state: RetryCallState) -> None:
-            error = state.outcome.exception() if state.outcome else None
-            wait = state.next_action.sleep if state.next_action else 0
-            log.warning("upload_retry", path=request.path, key=request.key, attempt=state.attempt_number,
-                        code=getattr(error, "code", None), error=str(error), wait_s=round(wait, 2))
-
-        retrying = Retrying(
-            stop=stop_any(stop_after_attempt(self.uploads.attempts), lambda _state: self._stop.is_set()),
-            wait=wait_random_exponential(multiplier=0.5, max=30),
-            retry=retry_if_exception(lambda error: isinstance(error, FileBusy) or (isinstance(error, UploadFailed) and error.transient)),
-            before=count,
-            before_sleep=log_retry,
-            sleep=self._stop.wait,
-            reraise=True,
-        )
         try:
-            outcome = retrying(self._attempt, request, duplicates)
+            outcome = self._retrying(self._attempt, request, duplicates)
         except UploadFailed as failure:
-            return Outcome(path=request.path, event="failed", key=request.key, code=failure.code, error=failure.message,
-                           transient=failure.transient, attempts=attempts, ms=_ms_since(started))
+            outcome = Outcome(path=request.path, event="failed", key=request.key, code=failure.code, error=failure.message,
+                              transient=failure.transient)
         except FileGone as gone:
-            return Outcome(path=request.path, event="gone", key=request.key, error=str(gone), attempts=attempts, ms=_ms_since(started))
+            outcome = Outcome(path=request.path, event="gone", key=request.key, error=str(gone))
         except FileBusy as busy:
-            return Outcome(path=request.path, event="failed", key=request.key, code=FILE_BUSY_CODE, error=str(busy),
-                           transient=True, attempts=attempts, ms=_ms_since(started))
-        return Outcome(**{**outcome.__dict__, "attempts": attempts, "ms": _ms_since(started)})
+            outcome = Outcome(path=request.path, event="failed", key=request.key, code=FILE_BUSY_CODE, error=str(busy), transient=True)
+        # tenacity's statistics are this thread's, of the call just made.
+        return Outcome(**{**outcome.__dict__, "attempts": self._retrying.statistics["attempt_number"], "ms": _ms_since(started)})
 
     def _attempt(self, request: UploadRequest, duplicates: DuplicateIndex | None) -> Outcome:
         try:
@@ -630,6 +618,20 @@ class Uploader:
                 return f"{scheme}://{bucket}.{host}/{quoted}"
             return f"{self.s3.endpoint_url}/{bucket}/{quoted}"
         return f"https://{bucket}.s3.{self.s3.region}.amazonaws.com/{quoted}"
+
+
+def _worth_retrying(error: BaseException) -> bool:
+    """Tell whether an attempt's error may pass if the upload is tried again."""
+    return isinstance(error, FileBusy) or (isinstance(error, UploadFailed) and error.transient)
+
+
+def _log_retry(state: RetryCallState) -> None:
+    """Log a failed attempt that will be tried again (tenacity's before_sleep; args are the request and the index)."""
+    request: UploadRequest = state.args[0]
+    error = state.outcome.exception() if state.outcome else None
+    wait = state.next_action.sleep if state.next_action else 0
+    log.warning("upload_retry", path=request.path, key=request.key, attempt=state.attempt_number,
+                code=getattr(error, "code", None), error=str(error), wait_s=round(wait, 2))
 
 
 def _ms_since(started: float) -> int:

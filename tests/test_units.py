@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import botocore.exceptions
@@ -13,6 +14,7 @@ import pytest
 from s3watch.config import load_config
 from s3watch.journal import Journal, JournalError, JournalState, Uploads, read_journal, repair_journal
 from s3watch.matcher import Matcher
+from s3watch.seaweed import free_ports
 from s3watch.uploader import EXPECT_CONTINUE_THRESHOLD, UploadRequest, Uploader, _read_body, classify_error, object_key
 from s3watch.watcher import _Handler, _WatchdogLogHandler
 
@@ -134,6 +136,22 @@ def test_expect_header_from_2_mib(setup: Setup, gallery_root: Path) -> None:
         assert (outcome.event, outcome.bytes) == ("uploaded", size)
 
     assert {name: expect_headers[name] for name in sizes} == {"small.jpg": None, "just-below.jpg": None, "large.jpg": b"100-continue"}
+
+
+def test_attempts_counted_per_upload_in_each_worker(setup: Setup, gallery_root: Path) -> None:
+    # Nothing listens on this port: every attempt fails with failed_code_0, which is retried.
+    setup.update("s3", endpoint_url=f"http://127.0.0.1:{free_ports(1)[0]}")
+    setup.update("uploads", attempts=3)
+    config = load_config(setup.path)
+    uploader = Uploader(config.s3, config.uploads, config.links, gallery_root)
+    (gallery_root / "upload" / "a.jpg").write_bytes(b"a")
+    requests = [UploadRequest(path="upload/a.jpg", image_id=n, key=f"attempts/{n}.jpg", row_md5=None) for n in range(4)]
+
+    # Two workers, two uploads each: the count starts again at every upload, in every thread.
+    with ThreadPoolExecutor(max_workers=2) as workers:
+        outcomes = list(workers.map(lambda request: uploader.upload(request, None), requests))
+
+    assert [(outcome.event, outcome.code, outcome.attempts) for outcome in outcomes] == [("failed", "failed_code_0", 3)] * 4
 
 
 def test_journal_replays_state_and_index(tmp_path: Path) -> None:
