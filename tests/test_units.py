@@ -5,14 +5,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import botocore.exceptions
 import pytest
 
 from s3watch.config import load_config
-from s3watch.journal import Journal, JournalError, JournalState, Uploads, read_journal, repair_journal
+from s3watch.journal import Journal, JournalError, JournalState, Uploads, now_iso, read_journal, repair_journal
 from s3watch.matcher import Matcher
 from s3watch.seaweed import free_ports
 from s3watch.uploader import EXPECT_CONTINUE_THRESHOLD, UploadRequest, Uploader, _read_body, classify_error, object_key
@@ -152,6 +154,17 @@ def test_attempts_counted_per_upload_in_each_worker(setup: Setup, gallery_root: 
         outcomes = list(workers.map(lambda request: uploader.upload(request, None), requests))
 
     assert [(outcome.event, outcome.code, outcome.attempts) for outcome in outcomes] == [("failed", "failed_code_0", 3)] * 4
+
+
+def test_time_stamp_is_utc_with_milliseconds() -> None:
+    before = datetime.now(timezone.utc)
+    stamps = [now_iso() for _ in range(3)]
+    after = datetime.now(timezone.utc)
+
+    for stamp in stamps:
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", stamp), stamp
+        assert before - timedelta(milliseconds=1) <= datetime.fromisoformat(stamp.replace("Z", "+00:00")) <= after
+    assert stamps == sorted(stamps)
 
 
 def test_journal_replays_state_and_index(tmp_path: Path) -> None:
