@@ -109,9 +109,9 @@ class Agent:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        # SimpleQueue, not Queue: its put() may interrupt a get() in the same thread, as the
-        # signal handlers' does, without deadlocking; and it is implemented in C, which matters
-        # at hundreds of results a second.
+        # SimpleQueue, not Queue: the signal handlers put a message, and SimpleQueue's put() may
+        # interrupt a get() in the same thread without deadlocking. It is also written in C,
+        # which counts at hundreds of results a second.
         self.inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self.stop_event = threading.Event()
         self.reload_event = threading.Event()

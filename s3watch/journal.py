@@ -400,9 +400,8 @@ class JournalState:
             raise KeyError(f"unknown event {event!r}")
 
 
-# The date and time of the current second as text: a record's time stamp is written twice per
-# upload, hundreds of times a second in a batch, and formatting the date each time cost more than
-# the rest of the stamp.
+# The date and time of the current second as text. A batch writes hundreds of time stamps a
+# second, two per upload, and formatting the date for each cost more than the rest of the stamp.
 _second: tuple[int, str] = (-1, "")
 
 

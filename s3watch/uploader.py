@@ -626,7 +626,7 @@ def _worth_retrying(error: BaseException) -> bool:
 
 
 def _log_retry(state: RetryCallState) -> None:
-    """Log a failed attempt that will be tried again (tenacity's before_sleep; args are the request and the index)."""
+    """Log a failed attempt that will be tried again (tenacity's before_sleep; the call's arguments are the request and the md5 index)."""
     request: UploadRequest = state.args[0]
     error = state.outcome.exception() if state.outcome else None
     wait = state.next_action.sleep if state.next_action else 0
