@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -90,7 +91,8 @@ class SeaweedFS:
         config.write_text(json.dumps(identities))
         config.chmod(0o600)
         command = [
-            weed_binary(), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
+            # -logdir: weed's own log files would otherwise pile up in /tmp.
+            weed_binary(), f"-logdir={self.directory}", "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
             f"-master.port={self.ports['master']}", f"-volume.port={self.ports['volume']}", f"-filer.port={self.ports['filer']}",
             f"-s3.port={self.ports['s3']}", f"-admin.port={self.ports['admin']}", f"-s3.config={config}",
             f"-s3.autoCreateBucket={'true' if self.auto_create_buckets else 'false'}", "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
@@ -159,3 +161,13 @@ class SeaweedFS:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         self.process = None
+
+        # weed leaves a gRPC socket per service in /tmp, named after the service and its gRPC
+        # port, and no flag puts them elsewhere. Those ports were this server's.
+        for service, port in self.ports.items():
+            leftover = Path(f"/tmp/seaweedfs-{service}-grpc-{port + GRPC_OFFSET}.sock")
+            try:
+                if stat.S_ISSOCK(leftover.lstat().st_mode):
+                    leftover.unlink()
+            except OSError:
+                pass  # not there, or not ours to remove
