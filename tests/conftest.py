@@ -79,6 +79,12 @@ def database() -> Iterator[str]:
     yield name
     with admin.cursor() as cursor:
         cursor.execute(f"DROP DATABASE `{name}`")
+        # The tests share the user; only its grants on this database go, so that they do not pile up.
+        for host in ("%", "localhost"):
+            try:
+                cursor.execute(f"REVOKE SELECT ON `{name}`.* FROM 's3watch_test'@'{host}'")
+            except pymysql.MySQLError:
+                pass  # the test took the grant away itself
     admin.close()
 
 
