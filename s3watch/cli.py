@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
 from pathlib import Path
@@ -63,6 +64,33 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The options before the command. argparse would take a mistyped one's value for the command and
+# blame that: "invalid choice: 'c.yaml'".
+_GLOBAL_OPTIONS = ("--config", "--help", "--version", "-h")
+
+
+def _unknown_global_option(argv: list[str]) -> str | None:
+    """Return an error message for an option before the command that s3watch does not have, or None.
+
+    An option argparse would take as an abbreviation (--conf for --config) is not unknown. What
+    follows the command is left to the command's own parser.
+    """
+    expects_value = False
+    for token in argv:
+        if expects_value:
+            expects_value = False
+            continue
+        if not token.startswith("-") or token == "-":
+            return None  # the command
+        name, equals, _value = token.partition("=")
+        if not any(option.startswith(name) for option in _GLOBAL_OPTIONS):
+            guess = difflib.get_close_matches(name, _GLOBAL_OPTIONS, n=1)
+            hint = f"did you mean {guess[0]}?" if guess else "see s3watch --help"
+            return f"unknown option {name} ({hint})"
+        expects_value = "--config".startswith(name) and len(name) > 2 and not equals
+    return None
+
+
 def _config_path(arguments: argparse.Namespace) -> Path:
     if arguments.config is not None:
         return Path(arguments.config)
@@ -75,6 +103,10 @@ def _error(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line. Returns the exit status: 0 done, 1 failed, 2 bad configuration or usage."""
+    problem = _unknown_global_option(sys.argv[1:] if argv is None else argv)
+    if problem is not None:
+        _error(problem)
+        return EXIT_CONFIG
     arguments = _parser().parse_args(argv)
     try:
         if arguments.command == "demo":

@@ -83,6 +83,23 @@ def test_cli_exits_2_on_missing_config_file(tmp_path: Path) -> None:
     assert "not found" in result.stderr
 
 
+@pytest.mark.parametrize(("arguments", "message"), [
+    (["--confg", "c.yaml", "check"], "s3watch: error: unknown option --confg (did you mean --config?)"),
+    (["-x", "status"], "s3watch: error: unknown option -x (see s3watch --help)"),
+])
+def test_cli_names_a_mistyped_option(arguments: list[str], message: str) -> None:
+    # argparse alone would take c.yaml for the command: "invalid choice: 'c.yaml'".
+    result = run_cli(*arguments)
+    assert result.returncode == 2
+    assert result.stderr.strip() == message
+
+
+def test_cli_takes_an_abbreviated_option(tmp_path: Path) -> None:
+    result = run_cli("--conf", str(tmp_path / "none.yaml"), "status")
+    assert result.returncode == 2
+    assert "none.yaml not found" in result.stderr
+
+
 DATABASE_INC = """<?php
 $conf['dblayer'] = 'mysqli';
 $conf['db_base'] = 'piwigo';
