@@ -48,7 +48,10 @@ POLL_BATCH = 1000  # rows read per table poll
 SPOOL_CHECK_INTERVAL = 0.5  # seconds between looks at the spool directory (a directory listing) when it is not watched
 SPOOL_WATCHED_CHECK_INTERVAL = 30.0  # the same while inotify reports new lists: a look now and then, in case an event was missed
 NOT_STARTED = "not_started"  # the outcome of an upload handed out ahead that a worker did not start
-COMMIT_DELAY = 0.05  # seconds records that only finish uploads may wait for the next commit (fsync)
+# Seconds records that only finish uploads may wait for the next commit (fsync). With 0.25 s
+# rather than 0.05 s, a batch of small files to a SeaweedFS on the same disk went about 2%
+# faster, with fewer fsyncs and less CPU per file in both programs.
+COMMIT_DELAY = 0.25
 EVENTS_LOST_REPEAT = 1.0  # seconds within which another report of an inotify overflow is the same overflow
 LIST_CHUNK = 100  # list entries resolved per loop turn, so a long list never stalls monitoring
 STOP_DEADLINE = 20.0  # seconds uploads in flight get to finish on SIGTERM; below systemd's default 90 s stop timeout
