@@ -379,7 +379,7 @@ def _apply_schema(schema: dict[str, Any], data: Any, where: str, file: Path) -> 
         check, default = rule
         if name not in data:
             if default is _REQUIRED:
-                raise ConfigError(f"{file}: missing key '{key}': add it (see s3watch.yaml.example)")
+                raise ConfigError(f"{file}: missing key '{key}': add it ('s3watch config generate' prints every key with its default)")
             # Defaults go through the checker too, which converts units (MiB to bytes).
             result[name] = check(key, default) if default is not None else None
             continue

@@ -38,7 +38,7 @@ def test_minimal_config_gets_documented_defaults() -> None:
         ("- a\n- b\n", "the top level must be a mapping"),
         (MINIMAL + "s3x: {}\n", "unknown key 's3x' (did you mean 's3'?)"),
         (MINIMAL.replace("bucket:", "buckt: x\n  bucket:"), "unknown key 's3.buckt' (did you mean 's3.bucket'?)"),
-        ("piwigo:\n  root: /srv\n", "missing key 's3.bucket'"),
+        ("piwigo:\n  root: /srv\n", "missing key 's3.bucket': add it ('s3watch config generate' prints every key with its default)"),
         ("piwigo:\n  root: /srv\ns3:\n  region: x\n", "missing key 's3.bucket'"),
         (MINIMAL + "uploads:\n  workers: four\n", "uploads.workers must be a whole number from 1 to 64, got 'four'"),
         (MINIMAL + "monitor:\n  enabled: yes please\n", "monitor.enabled must be true or false"),
