@@ -59,7 +59,7 @@ COMPACT_CHECK_INTERVAL = 60.0
 FILE_BUSY_RETRY = 10.0  # seconds before a file that was still changing is tried again
 JOURNAL_RETRY_INTERVAL = 5.0  # seconds between attempts to write the journal while the disk refuses
 METRICS_INTERVAL = 5.0  # seconds between updates of the gauges that need a scan
-STATUS_INTERVAL = 1.0  # seconds between STATUS= messages to systemd; at hundreds of uploads a second each turn would send one
+STATUS_INTERVAL = 1.0  # seconds between STATUS= messages to systemd, which would otherwise get one per loop turn
 
 
 class AgentError(Exception):
@@ -415,7 +415,7 @@ class Agent:
             self.notifier.ready(self._status_line())
             log.info("ready", pending=self._pending_count())
         elif self.ready_sent and self.notifier.enabled:
-            # At most one status a second; a change within that second is sent at its end.
+            # At most one status a second. A change within that second is sent when it ends.
             self.status_due = now < self.next_status
             if not self.status_due and self.notifier.status(self._status_line()):
                 self.next_status = now + STATUS_INTERVAL

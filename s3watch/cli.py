@@ -64,8 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-# The options before the command. argparse would take a mistyped one's value for the command and
-# blame that: "invalid choice: 'c.yaml'".
+# The options _parser accepts before the command. argparse would take a mistyped one's value for
+# the command and report that instead: "invalid choice: 'c.yaml'".
 _GLOBAL_OPTIONS = ("--config", "--help", "--version", "-h")
 
 
@@ -87,7 +87,8 @@ def _unknown_global_option(argv: list[str]) -> str | None:
             guess = difflib.get_close_matches(name, _GLOBAL_OPTIONS, n=1)
             hint = f"did you mean {guess[0]}?" if guess else "see s3watch --help"
             return f"unknown option {name} ({hint})"
-        expects_value = "--config".startswith(name) and len(name) > 2 and not equals
+        # --config, or an abbreviation of it, takes the next token as its value unless it has "=".
+        expects_value = name != "--" and "--config".startswith(name) and not equals
     return None
 
 

@@ -437,7 +437,7 @@ class Uploader:
             outcome = Outcome(path=request.path, event="gone", key=request.key, error=str(gone))
         except FileBusy as busy:
             outcome = Outcome(path=request.path, event="failed", key=request.key, code=FILE_BUSY_CODE, error=str(busy), transient=True)
-        # tenacity's statistics are this thread's, of the call just made.
+        # tenacity keeps the statistics of each thread's latest call.
         return Outcome(**{**outcome.__dict__, "attempts": self._retrying.statistics["attempt_number"], "ms": _ms_since(started)})
 
     def _attempt(self, request: UploadRequest, duplicates: DuplicateIndex | None) -> Outcome:
@@ -626,7 +626,11 @@ def _worth_retrying(error: BaseException) -> bool:
 
 
 def _log_retry(state: RetryCallState) -> None:
-    """Log a failed attempt that will be tried again (tenacity's before_sleep; the call's arguments are the request and the md5 index)."""
+    """Log a failed attempt that will be tried again.
+
+    tenacity calls it before sleeping, with the upload's arguments (the request and the md5
+    index) in `state.args`.
+    """
     request: UploadRequest = state.args[0]
     error = state.outcome.exception() if state.outcome else None
     wait = state.next_action.sleep if state.next_action else 0

@@ -41,6 +41,12 @@ class NotifyListener:
         except (socket.timeout, BlockingIOError):
             pass
 
+    def last_status(self) -> str:
+        """Return the latest STATUS= received, or an empty string when none came yet."""
+        self.receive()
+        statuses = [message["STATUS"] for message in self.messages if "STATUS" in message]
+        return statuses[-1] if statuses else ""
+
     def has(self, key: str, value: str | None = None, after: int = 0) -> int | None:
         """Return the index of the first message from `after` on that sets `key` (to `value`), or None."""
         self.receive()
@@ -90,9 +96,9 @@ def test_notify_ready_status_watchdog_reload_stop(setup: Setup, agent: AgentProc
     assert notify.has("STOPPING", "1", after=before) is not None
 
 
-def test_status_is_sent_at_most_once_a_second(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation, notify: NotifyListener) -> None:
-    # Without the watchdog's pings the loop turns only for work and deadlines, so the last
-    # status must come from the deadline the rate limit sets.
+def test_status_sent_once_a_second(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation, notify: NotifyListener) -> None:
+    # Without the watchdog's pings the loop turns only for work and deadlines, such as the one
+    # the rate limit sets for a status held back.
     agent.environment.pop("WATCHDOG_USEC")
     agent.start()
     wait_for(lambda: notify.has("READY", "1") is not None, what="READY=1")
@@ -101,12 +107,12 @@ def test_status_is_sent_at_most_once_a_second(setup: Setup, agent: AgentProcess,
 
     paths = [piwigo.add_photo(sample_photo(n))[1] for n in range(30)]
     wait_for(lambda: all(setup.upload_status(p) == "uploaded" for p in paths), what="30 uploads")
-    wait_for(lambda: (notify.receive() or [m for m in notify.messages if "STATUS" in m])[-1]["STATUS"].startswith("0 pending; last upload 2"),
-             what="the status after the last upload")
+    wait_for(lambda: notify.last_status().startswith("0 pending; last upload 2"), what="the status after the last upload")
     elapsed = time.monotonic() - started
 
-    sent = [m for m in notify.messages[before:] if "STATUS" in m]
-    assert 2 <= len(sent) <= elapsed / STATUS_INTERVAL + 2
+    sent = [message for message in notify.messages[before:] if "STATUS" in message]
+    assert len(sent) >= 2
+    assert len(sent) <= elapsed / STATUS_INTERVAL + 2
 
 
 def test_ready_waits_for_journal_replay(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation, notify: NotifyListener) -> None:
