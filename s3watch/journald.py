@@ -12,6 +12,7 @@ from __future__ import annotations
 import array
 import errno
 import fcntl
+import functools
 import os
 import socket
 import struct
@@ -51,6 +52,8 @@ TRUNCATION_LIMITS = (64 * 1024, 8 * 1024, 1024)
 Renderer = Callable[[WrappedLogger, str, EventDict], Any]
 
 
+# Cached because every event converts the names of its fields again, and an agent logs few names.
+@functools.lru_cache(maxsize=256)
 def journal_field_name(name: str, prefix: str = FIELD_PREFIX) -> str | None:
     """Return `prefix` + `name` as a valid journal field name.
 
