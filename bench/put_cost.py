@@ -34,36 +34,35 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
 from s3watch.config import S3Config
-from s3watch.seaweed import SeaweedFS
+from s3watch.seaweed import SeaweedError, SeaweedFS
 from s3watch.uploader import make_client
 
 BUCKET = "put-cost"
 REGION = "us-east-1"
 
 
+class PutFailed(Exception):
+    """The store rejected a PUT sent the signed urllib3 way."""
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="Client CPU per PUT: boto3's put_object against a signed urllib3 request.")
-    parser.add_argument("--puts", type=int, default=1500, help="PUTs per run and way (default 1500)")
-    parser.add_argument("--size", type=int, default=120_000, help="object size in bytes (default 120000, a small file of the batch benchmark)")
-    parser.add_argument("--runs", type=int, default=3, help="runs of each way, in turns (default 3)")
+    parser.add_argument("--puts", type=positive_int, default=1500, help="PUTs per run and way (default 1500)")
+    parser.add_argument("--size", type=positive_int, default=120_000,
+                        help="object size in bytes (default 120000, a small file of the batch benchmark)")
+    parser.add_argument("--runs", type=positive_int, default=3, help="runs of each way, in turns (default 3)")
     arguments = parser.parse_args()
 
-    server = SeaweedFS(Path(tempfile.mkdtemp(prefix="s3watch-put-cost-")))
-    server.start()
-    try:
-        server.create_bucket(BUCKET)
-        ways = make_ways(server, os.urandom(arguments.size))
-        per_put: dict[str, list[float]] = {name: [] for name in ways}
-        for name, put in ways.items():
-            put(f"warm-up-{name}", 50)
-        for run in range(1, arguments.runs + 1):
-            for name, put in ways.items():
-                started = time.process_time()
-                put(f"run{run}-{name}", arguments.puts)
-                per_put[name].append((time.process_time() - started) * 1000 / arguments.puts)
-                print(f"run {run}/{arguments.runs}  {name:15s} {per_put[name][-1]:.3f} CPU-ms per PUT", flush=True)
-    finally:
-        server.stop()
+    with tempfile.TemporaryDirectory(prefix="s3watch-put-cost-") as work:
+        server = SeaweedFS(Path(work))
+        try:
+            server.start()
+            per_put = measure(server, os.urandom(arguments.size), arguments.puts, arguments.runs)
+        except (SeaweedError, PutFailed) as error:
+            print(f"put_cost.py: {error}", file=sys.stderr)
+            return 1
+        finally:
+            server.stop()
 
     boto3_ms = statistics.median(per_put["boto3"])
     signed_ms = statistics.median(per_put["signed urllib3"])
@@ -71,6 +70,34 @@ def main() -> int:
     print(f"  boto3 put_object      {boto3_ms:.3f} CPU-ms per PUT")
     print(f"  signed urllib3 PUT    {signed_ms:.3f} CPU-ms per PUT ({signed_ms / boto3_ms:.0%} of boto3's)")
     return 0
+
+
+def positive_int(text: str) -> int:
+    """Parse a command-line count or size. Raises argparse.ArgumentTypeError unless it is a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number: give a count such as 1500") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is less than 1: give a count of at least 1")
+    return value
+
+
+def measure(server: SeaweedFS, body: bytes, puts: int, runs: int) -> dict[str, list[float]]:
+    """Send `puts` PUTs of `body` each way, `runs` times in turns, and return each way's CPU-ms per PUT of every run."""
+    server.create_bucket(BUCKET)
+    ways = make_ways(server, body)
+    per_put: dict[str, list[float]] = {name: [] for name in ways}
+    for name, put in ways.items():
+        put(f"warm-up-{name}", 50)
+
+    for run in range(1, runs + 1):
+        for name, put in ways.items():
+            started = time.process_time()
+            put(f"run{run}-{name}", puts)
+            per_put[name].append((time.process_time() - started) * 1000 / puts)
+            print(f"run {run}/{runs}  {name:15s} {per_put[name][-1]:.3f} CPU-ms per PUT", flush=True)
+    return per_put
 
 
 def make_ways(server: SeaweedFS, body: bytes) -> dict[str, Callable[[str, int], None]]:
@@ -106,7 +133,7 @@ def make_ways(server: SeaweedFS, body: bytes) -> dict[str, Callable[[str, int], 
             S3SigV4Auth(credentials, "s3", REGION).add_auth(request)
             response = pool.urlopen("PUT", path, body=body, headers=dict(request.headers.items()))
             if response.status != 200:
-                raise RuntimeError(f"PUT {path} returned HTTP {response.status}: {response.data[:300]!r}")
+                raise PutFailed(f"PUT {path} returned HTTP {response.status}: {response.data[:300]!r}")
 
     return {"boto3": put_with_boto3, "signed urllib3": put_with_signed_urllib3}
 
