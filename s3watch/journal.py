@@ -39,6 +39,7 @@ FINISHED = frozenset({"uploaded", "already_present", "duplicate", "unmatched", "
 CURSOR_EVENT = "cursor"
 HEADER_EVENT = "journal"
 READ_BUFFER = 1024 * 1024  # bytes read from the journal at a time when it is replayed
+COMPACT_BUFFER = 1024 * 1024  # bytes written at a time when the journal is compacted
 
 
 class JournalError(Exception):
@@ -602,22 +603,8 @@ class Journal:
         self.commit()
         temporary = self.path.with_name(self.path.name + ".compact")
         state = self.state
-        lines = [orjson.dumps({"ts": now_iso(), "event": HEADER_EVENT, "version": JOURNAL_VERSION}) + b"\n"]
-        if state.cursor is not None:
-            lines.append(orjson.dumps({"ts": now_iso(), "event": CURSOR_EVENT, "image_id": state.cursor}) + b"\n")
-        if state.format_cursor is not None:
-            lines.append(orjson.dumps({"ts": now_iso(), "event": CURSOR_EVENT, "format_id": state.format_cursor}) + b"\n")
-        for path in state.uploads:
-            merged = state.uploads.record_of(path)
-            assert merged is not None
-            record: dict[str, Any] = {"ts": merged.get("ts", ""), "event": merged["event"], "path": path}
-            for name, value in merged.items():
-                if name not in record and value is not None and not (name in ("attempts", "detected_ts") and not value):
-                    record[name] = value
-            lines.append(orjson.dumps(record) + b"\n")
-
         try:
-            _write_durably(temporary, b"".join(lines))
+            records = _write_compacted(temporary, state)
             os.replace(temporary, self.path)
             _fsync_directory(self.path.parent)
         except OSError as error:
@@ -627,7 +614,7 @@ class Journal:
         os.close(self._fd)
         self._fd = os.open(self.path, os.O_WRONLY)
         self._durable_size = os.lseek(self._fd, 0, os.SEEK_END)
-        state.records = len(lines)
+        state.records = records
         self._appended_since_compaction = 0
 
     def close(self) -> None:
@@ -636,6 +623,44 @@ class Journal:
             self.commit()
         finally:
             os.close(self._fd)
+
+
+def _compacted_lines(state: JournalState) -> Iterator[bytes]:
+    """Yield the lines of the compacted journal of `state`: the header and the cursors, then one record per upload."""
+    yield orjson.dumps({"ts": now_iso(), "event": HEADER_EVENT, "version": JOURNAL_VERSION}) + b"\n"
+    if state.cursor is not None:
+        yield orjson.dumps({"ts": now_iso(), "event": CURSOR_EVENT, "image_id": state.cursor}) + b"\n"
+    if state.format_cursor is not None:
+        yield orjson.dumps({"ts": now_iso(), "event": CURSOR_EVENT, "format_id": state.format_cursor}) + b"\n"
+
+    for path in state.uploads:
+        merged = state.uploads.record_of(path)
+        assert merged is not None
+        record: dict[str, Any] = {"ts": merged.get("ts", ""), "event": merged["event"], "path": path}
+        for name, value in merged.items():
+            if name not in record and value is not None and not (name in ("attempts", "detected_ts") and not value):
+                record[name] = value
+        yield orjson.dumps(record) + b"\n"
+
+
+def _write_compacted(path: Path, state: JournalState) -> int:
+    """Write the compacted journal of `state` to a new private file (mode 0600) and fsync it.
+
+    The lines go out through a buffer of COMPACT_BUFFER bytes, so that compacting the journal
+    of a large gallery does not hold a second copy of it in memory. Returns the number of
+    records written. Raises OSError.
+    """
+    def create_private(name: str | Path, _flags: int) -> int:
+        return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+
+    records = 0
+    with open(path, "wb", buffering=COMPACT_BUFFER, opener=create_private) as out:
+        for line in _compacted_lines(state):
+            out.write(line)
+            records += 1
+        out.flush()
+        os.fsync(out.fileno())
+    return records
 
 
 def _write_durably(path: Path, data: bytes) -> None:

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import re
+import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -332,6 +333,30 @@ def test_md5_index_built_on_first_use_then_kept(tmp_path: Path) -> None:
     journal.append("uploaded", "upload/c.jpg", key="upload/c.jpg", md5="c" * 32)
     assert journal.state.md5_index == {"a" * 32: "k/a.jpg", "c" * 32: "upload/c.jpg"}
     journal.close()
+
+
+def test_compaction_streams_to_disk(tmp_path: Path) -> None:
+    path = tmp_path / "journal.jsonl"
+    journal = Journal(path)
+    for number in range(20_000):
+        name = f"upload/2024/05/{number:06d}.jpg"
+        journal.append("queued", name, image_id=number, row_md5=f"{number:032x}", source="batch")
+        journal.append("uploaded", name, key=name, bucket="photos", md5=f"{number:032x}", etag=f"{number:032x}", bytes=number, attempts=1)
+    journal.commit()
+
+    tracemalloc.start()
+    try:
+        journal.compact()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    journal.close()
+
+    # Built in memory, the compacted lines alone would take the file's size, and joining them twice that.
+    size = path.stat().st_size
+    assert size > 3_000_000
+    assert peak < size / 2
+    assert len(read_journal(path)[0].uploads) == 20_000
 
 
 def test_compaction_keeps_detected_ts_and_unknown_fields(tmp_path: Path) -> None:
