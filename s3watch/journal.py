@@ -39,7 +39,7 @@ FINISHED = frozenset({"uploaded", "already_present", "duplicate", "unmatched", "
 CURSOR_EVENT = "cursor"
 HEADER_EVENT = "journal"
 READ_BUFFER = 1024 * 1024  # bytes read from the journal at a time when it is replayed
-COMPACT_BUFFER = 1024 * 1024  # bytes written at a time when the journal is compacted
+COMPACT_BUFFER = 1024 * 1024  # bytes written at a time when the journal is compacted or repaired
 
 
 class JournalError(Exception):
@@ -650,11 +650,8 @@ def _write_compacted(path: Path, state: JournalState) -> int:
     of a large gallery does not hold a second copy of it in memory. Returns the number of
     records written. Raises OSError.
     """
-    def create_private(name: str | Path, _flags: int) -> int:
-        return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-
     records = 0
-    with open(path, "wb", buffering=COMPACT_BUFFER, opener=create_private) as out:
+    with open(path, "wb", buffering=COMPACT_BUFFER, opener=_create_private) as out:
         for line in _compacted_lines(state):
             out.write(line)
             records += 1
@@ -663,16 +660,9 @@ def _write_compacted(path: Path, state: JournalState) -> int:
     return records
 
 
-def _write_durably(path: Path, data: bytes) -> None:
-    """Write a new private file (mode 0600) and fsync it. Raises OSError."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _create_private(name: str | Path, _flags: int) -> int:
+    """Open a new or emptied file (mode 0600) for writing: an `opener` for open()."""
+    return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
 
 
 def _fsync_directory(path: Path) -> None:
@@ -689,32 +679,35 @@ def repair_journal(path: Path) -> tuple[int, int]:
     Returns (records kept, lines dropped). The original is renamed to `<name>.corrupt-<time>`.
     Raises JournalError when the file cannot be read or written.
     """
-    kept: list[bytes] = []
+    if not path.exists():
+        raise JournalError(f"journal {path} not found: check state_dir in the configuration")
+
+    kept = 0
     dropped = 0
     scratch = JournalState()
-    try:
-        for _number, line, record in iter_records(path):
-            if record is None or not line.endswith(b"\n"):
-                dropped += 1
-                continue
-            try:
-                scratch.apply(record)
-            except (KeyError, ValueError, TypeError):
-                dropped += 1
-                continue
-            kept.append(line)
-    except FileNotFoundError:
-        raise JournalError(f"journal {path} not found: check state_dir in the configuration") from None
-
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     backup = path.with_name(f"{path.name}.corrupt-{stamp}")
     temporary = path.with_name(path.name + ".repair")
     try:
-        _write_durably(temporary, b"".join(kept))
+        # The kept lines go straight to the new file, so a large journal is not held in memory.
+        with open(temporary, "wb", buffering=COMPACT_BUFFER, opener=_create_private) as out:
+            for _number, line, record in iter_records(path):
+                if record is None or not line.endswith(b"\n"):
+                    dropped += 1
+                    continue
+                try:
+                    scratch.apply(record)
+                except (KeyError, ValueError, TypeError):
+                    dropped += 1
+                    continue
+                out.write(line)
+                kept += 1
+            out.flush()
+            os.fsync(out.fileno())
         os.link(path, backup)
         os.replace(temporary, path)
         _fsync_directory(path.parent)
     except OSError as error:
         temporary.unlink(missing_ok=True)
-        raise JournalError(f"journal {path} could not be repaired ({error.strerror})") from None
-    return len(kept), dropped
+        raise JournalError(f"journal {path} could not be repaired ({error.strerror}): check the state directory's permissions and free space") from None
+    return kept, dropped

@@ -10,6 +10,7 @@ import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Callable
 
 import botocore.exceptions
 import pytest
@@ -335,21 +336,32 @@ def test_md5_index_built_on_first_use_then_kept(tmp_path: Path) -> None:
     journal.close()
 
 
-def test_compaction_streams_to_disk(tmp_path: Path) -> None:
-    path = tmp_path / "journal.jsonl"
+def _write_large_journal(path: Path, uploads: int) -> Journal:
+    """Return an open journal with `uploads` finished uploads, two records each."""
     journal = Journal(path)
-    for number in range(20_000):
+    for number in range(uploads):
         name = f"upload/2024/05/{number:06d}.jpg"
         journal.append("queued", name, image_id=number, row_md5=f"{number:032x}", source="batch")
         journal.append("uploaded", name, key=name, bucket="photos", md5=f"{number:032x}", etag=f"{number:032x}", bytes=number, attempts=1)
     journal.commit()
+    return journal
 
+
+def _peak_traced_bytes(step: Callable[[], object]) -> int:
+    """Run `step` and return the peak of the memory Python allocated meanwhile (tracemalloc)."""
     tracemalloc.start()
     try:
-        journal.compact()
-        peak = tracemalloc.get_traced_memory()[1]
+        step()
+        return tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
+
+
+def test_compaction_streams_to_disk(tmp_path: Path) -> None:
+    path = tmp_path / "journal.jsonl"
+    journal = _write_large_journal(path, 20_000)
+
+    peak = _peak_traced_bytes(journal.compact)
     journal.close()
 
     # Built in memory, the compacted lines alone would take the file's size, and joining them twice that.
@@ -357,6 +369,24 @@ def test_compaction_streams_to_disk(tmp_path: Path) -> None:
     assert size > 3_000_000
     assert peak < size / 2
     assert len(read_journal(path)[0].uploads) == 20_000
+
+
+def test_repair_streams_to_disk(tmp_path: Path) -> None:
+    path = tmp_path / "journal.jsonl"
+    _write_large_journal(path, 10_000).close()
+    with open(path, "ab") as handle:
+        handle.write(b'{"event":"uploaded","pa\n{"event":"queued","path":"upload/last.jpg"}\n')
+    size = path.stat().st_size
+
+    peak = _peak_traced_bytes(lambda: repair_journal(path))
+
+    # The state that checks each record takes about three quarters of the file's size here.
+    # Kept in memory and joined, the lines would add twice the file's size to that.
+    assert size > 3_000_000
+    assert peak < size
+    state, _ = read_journal(path)
+    assert len(state.uploads) == 10_001
+    assert len(list(tmp_path.glob("journal.jsonl.corrupt-*"))) == 1
 
 
 def test_compaction_keeps_detected_ts_and_unknown_fields(tmp_path: Path) -> None:
