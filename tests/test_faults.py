@@ -12,11 +12,13 @@ import threading
 import time
 import unicodedata
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
 from s3watch.demo import PiwigoImitation, sample_photo
-from s3watch.journal import Journal, read_journal
+import s3watch.journal
+from s3watch.journal import Journal, JournalError, read_journal
 from s3watch.seaweed import SeaweedFS
 
 from .conftest import TEST_DB_PASSWORD, AgentProcess, Setup, run_cli, wait_for
@@ -309,6 +311,37 @@ def test_compaction_interrupted_at_any_step_keeps_journal(tmp_path: Path, monkey
     assert {p: u.status for p, u in read_journal(path)[0].uploads.items()} == expected
     assert len(path.read_bytes().splitlines()) == 31
     journal.close()
+
+
+def test_compaction_failing_midway_keeps_journal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "journal.jsonl"
+    journal = Journal(path)
+    for number in range(30):
+        journal.append("queued", f"upload/{number}.jpg", image_id=number)
+        journal.append("uploaded", f"upload/{number}.jpg", key=f"upload/{number}.jpg", md5=f"{number:032x}", bytes=number)
+    journal.commit()
+    before = path.read_bytes()
+    real_lines = s3watch.journal._compacted_lines
+
+    # The disk fills up after part of the compacted journal has been written.
+    def lines_then_full_disk(state: object) -> Iterator[bytes]:
+        for number, line in enumerate(real_lines(state)):
+            if number == 10:
+                raise OSError(28, "No space left on device")
+            yield line
+
+    monkeypatch.setattr(s3watch.journal, "_compacted_lines", lines_then_full_disk)
+    with pytest.raises(JournalError, match="could not be compacted"):
+        journal.compact()
+    monkeypatch.undo()
+
+    assert path.read_bytes() == before
+    assert not (tmp_path / "journal.jsonl.compact").exists()
+    journal.append("queued", "upload/after.jpg", image_id=100)
+    journal.close()
+    state, _ = read_journal(path)
+    assert len(state.uploads) == 31
+    assert state.uploads["upload/after.jpg"].status == "pending"
 
 
 BAD_INPUTS = [
