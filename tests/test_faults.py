@@ -288,13 +288,19 @@ def test_full_state_dir_waits_and_resumes(setup: Setup, agent: AgentProcess, piw
 # while the agent has its journal open for writing.
 
 
-def test_compaction_interrupted_at_any_step_keeps_journal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = tmp_path / "journal.jsonl"
+def _journal_of_uploads(path: Path, count: int) -> Journal:
+    """Return an open journal, committed, with `count` uploads queued and uploaded."""
     journal = Journal(path)
-    for number in range(30):
+    for number in range(count):
         journal.append("queued", f"upload/{number}.jpg", image_id=number)
         journal.append("uploaded", f"upload/{number}.jpg", key=f"upload/{number}.jpg", md5=f"{number:032x}", bytes=number)
     journal.commit()
+    return journal
+
+
+def test_compaction_interrupted_at_any_step_keeps_journal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "journal.jsonl"
+    journal = _journal_of_uploads(path, 30)
     expected = {p: u.status for p, u in read_journal(path)[0].uploads.items()}
 
     # A crash before the rename leaves the old journal (and a stray temporary file the next compaction replaces).
@@ -315,11 +321,7 @@ def test_compaction_interrupted_at_any_step_keeps_journal(tmp_path: Path, monkey
 
 def test_compaction_failing_midway_keeps_journal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "journal.jsonl"
-    journal = Journal(path)
-    for number in range(30):
-        journal.append("queued", f"upload/{number}.jpg", image_id=number)
-        journal.append("uploaded", f"upload/{number}.jpg", key=f"upload/{number}.jpg", md5=f"{number:032x}", bytes=number)
-    journal.commit()
+    journal = _journal_of_uploads(path, 30)
     before = path.read_bytes()
     real_lines = s3watch.journal._compacted_lines
 
