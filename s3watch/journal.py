@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Collection, Iterator
+from typing import Any, Collection, Iterable, Iterator
 
 import orjson
 
@@ -39,7 +39,7 @@ FINISHED = frozenset({"uploaded", "already_present", "duplicate", "unmatched", "
 CURSOR_EVENT = "cursor"
 HEADER_EVENT = "journal"
 READ_BUFFER = 1024 * 1024  # bytes read from the journal at a time when it is replayed
-COMPACT_BUFFER = 1024 * 1024  # bytes written at a time when the journal is compacted or repaired
+WRITE_BUFFER = 1024 * 1024  # bytes written at a time when the journal is compacted or repaired
 
 
 class JournalError(Exception):
@@ -604,7 +604,7 @@ class Journal:
         temporary = self.path.with_name(self.path.name + ".compact")
         state = self.state
         try:
-            records = _write_compacted(temporary, state)
+            records = _write_durably(temporary, _compacted_lines(state))
             os.replace(temporary, self.path)
             _fsync_directory(self.path.parent)
         except OSError as error:
@@ -643,26 +643,23 @@ def _compacted_lines(state: JournalState) -> Iterator[bytes]:
         yield orjson.dumps(record) + b"\n"
 
 
-def _write_compacted(path: Path, state: JournalState) -> int:
-    """Write the compacted journal of `state` to a new private file (mode 0600) and fsync it.
+def _write_durably(path: Path, lines: Iterable[bytes]) -> int:
+    """Write `lines` to a new private file (mode 0600) and fsync it. Returns the number of lines written.
 
-    The lines go out through a buffer of COMPACT_BUFFER bytes, so that compacting the journal
-    of a large gallery does not hold a second copy of it in memory. Returns the number of
-    records written. Raises OSError.
+    The lines go out through a buffer of WRITE_BUFFER bytes as they come, so that rewriting the
+    journal of a large gallery does not hold a second copy of it in memory. Raises OSError.
     """
-    records = 0
-    with open(path, "wb", buffering=COMPACT_BUFFER, opener=_create_private) as out:
-        for line in _compacted_lines(state):
+    def create_private(name: str | Path, _flags: int) -> int:
+        return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+
+    count = 0
+    with open(path, "wb", buffering=WRITE_BUFFER, opener=create_private) as out:
+        for line in lines:
             out.write(line)
-            records += 1
+            count += 1
         out.flush()
         os.fsync(out.fileno())
-    return records
-
-
-def _create_private(name: str | Path, _flags: int) -> int:
-    """Open a new or emptied file (mode 0600) for writing: an `opener` for open()."""
-    return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    return count
 
 
 def _fsync_directory(path: Path) -> None:
@@ -682,28 +679,27 @@ def repair_journal(path: Path) -> tuple[int, int]:
     if not path.exists():
         raise JournalError(f"journal {path} not found: check state_dir in the configuration")
 
-    kept = 0
     dropped = 0
     scratch = JournalState()
+
+    def valid_lines() -> Iterator[bytes]:
+        nonlocal dropped
+        for _number, line, record in iter_records(path):
+            if record is None or not line.endswith(b"\n"):
+                dropped += 1
+                continue
+            try:
+                scratch.apply(record)
+            except (KeyError, ValueError, TypeError):
+                dropped += 1
+                continue
+            yield line
+
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     backup = path.with_name(f"{path.name}.corrupt-{stamp}")
     temporary = path.with_name(path.name + ".repair")
     try:
-        # The kept lines go straight to the new file, so a large journal is not held in memory.
-        with open(temporary, "wb", buffering=COMPACT_BUFFER, opener=_create_private) as out:
-            for _number, line, record in iter_records(path):
-                if record is None or not line.endswith(b"\n"):
-                    dropped += 1
-                    continue
-                try:
-                    scratch.apply(record)
-                except (KeyError, ValueError, TypeError):
-                    dropped += 1
-                    continue
-                out.write(line)
-                kept += 1
-            out.flush()
-            os.fsync(out.fileno())
+        kept = _write_durably(temporary, valid_lines())
         os.link(path, backup)
         os.replace(temporary, path)
         _fsync_directory(path.parent)
