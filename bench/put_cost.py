@@ -1,4 +1,4 @@
-"""Measure how much of a small upload's CPU time is boto3's own, one thread, against a local SeaweedFS.
+"""Measure how much of a small upload's CPU time boto3's client layer takes, on one thread against a local SeaweedFS.
 
     .venv/bin/python bench/put_cost.py [--puts N] [--size BYTES] [--runs N]
 
@@ -54,7 +54,7 @@ class PutFailed(Exception):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description="Client CPU per PUT: boto3's put_object against a signed urllib3 request.")
-    parser.add_argument("--puts", type=positive_int, default=1500, help="PUTs per run and way (default 1500)")
+    parser.add_argument("--puts", type=positive_int, default=1500, help="PUTs per way in each run (default 1500)")
     parser.add_argument("--size", type=positive_int, default=120_000,
                         help=f"object size in bytes, below {EXPECT_CONTINUE_THRESHOLD} (default 120000, a small file of the batch benchmark)")
     parser.add_argument("--runs", type=positive_int, default=3, help="runs of each way, in turns (default 3)")
@@ -62,7 +62,7 @@ def main() -> int:
     if arguments.size >= EXPECT_CONTINUE_THRESHOLD:
         parser.error(f"argument --size: {arguments.size} is not below {EXPECT_CONTINUE_THRESHOLD}, from where the two ways send different requests")
 
-    # SIGTERM ends the script through the finally blocks below, as Ctrl-C does, so the server stops and its folder goes.
+    # SIGTERM ends the script through the finally blocks below, as Ctrl-C does, so the server stops and its folder is removed.
     signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(143))
     with tempfile.TemporaryDirectory(prefix="s3watch-put-cost-") as work:
         server = SeaweedFS(Path(work))
