@@ -285,7 +285,7 @@ def test_finished_upload_unpacks_as_recorded(changes: dict[str, object]) -> None
     assert (upload.path, upload.event, upload.ts, upload.key) == (path, finished["event"], finished["ts"], finished.get("key"))
 
 
-@pytest.mark.parametrize("field", ["original", "bucket", "md5", "attempts"])
+@pytest.mark.parametrize("field", ["original", "bucket", "source", "ts", "key", "md5", "etag", "row_md5", "attempts", "image_id", "bytes"])
 def test_packed_upload_keeps_null_field(field: str) -> None:
     uploads = Uploads()
 
