@@ -59,21 +59,26 @@ class EventLineRenderer:
 
 
 class BufferedLineLogger:
-    """A structlog logger that collects lines until `flush_logs`, which the agent's loop calls once a turn.
+    """A structlog logger that collects the agent loop's lines until `flush_logs`, which the loop calls once a turn.
 
     Printing each line is a system call, after which the loop waits for the interpreter lock
     that the upload workers hold. On a batch of small files that was about a third of the
-    loop's busy time.
+    loop's busy time. A line from another thread (a worker's retry, the store check at start)
+    is written at once, after the lines collected before it: the loop may be waiting several
+    seconds for its next turn.
     """
 
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
         self._lines: list[str] = []
         self._lock = threading.Lock()
+        self._loop_thread = threading.get_ident()  # the agent sets up logging in the thread that runs its loop
 
     def msg(self, message: str) -> None:
         with self._lock:
             self._lines.append(message)
+            if threading.get_ident() != self._loop_thread:
+                self._write_collected()
 
     log = debug = info = warn = warning = msg
     fatal = failure = err = error = critical = exception = msg
@@ -81,7 +86,11 @@ class BufferedLineLogger:
     def flush(self) -> None:
         """Write the collected lines in one go."""
         with self._lock:
-            lines, self._lines = self._lines, []
+            self._write_collected()
+
+    def _write_collected(self) -> None:
+        # Called with the lock held, so that lines from two threads keep their order.
+        lines, self._lines = self._lines, []
         if lines:
             try:
                 self._stream.write("\n".join(lines) + "\n")

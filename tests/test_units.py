@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import re
+import threading
 import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
@@ -14,9 +16,12 @@ from typing import Callable
 
 import botocore.exceptions
 import pytest
+import structlog
 
 from s3watch.config import load_config
+import s3watch.logs
 from s3watch.journal import Journal, JournalError, JournalState, Uploads, now_iso, read_journal, repair_journal
+from s3watch.logs import configure_logging, flush_logs
 from s3watch.matcher import Matcher
 from s3watch.seaweed import free_ports
 from s3watch.uploader import EXPECT_CONTINUE_THRESHOLD, UploadRequest, Uploader, _read_body, classify_error, object_key
@@ -440,3 +445,26 @@ def test_matcher_postpone_does_not_count_outage() -> None:
     assert matcher.due(150.1) == ["a"]
     assert matcher.retry("a", 150.1)
     assert "a" in matcher
+
+
+def test_buffered_log_writes_other_threads_lines_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    stream = io.StringIO()
+    monkeypatch.setattr(s3watch.logs, "_buffered", None)
+    configure_logging(stream=stream, buffered=True)
+    log = structlog.get_logger()
+    try:
+        log.info("loop_line")
+        assert stream.getvalue() == ""  # the loop's own lines wait for its next turn
+
+        # A worker's line goes out at once, after the loop line collected before it.
+        worker = threading.Thread(target=lambda: log.warning("worker_line"))
+        worker.start()
+        worker.join()
+        assert [line.split()[-1] for line in stream.getvalue().splitlines()] == ["loop_line", "worker_line"]
+
+        log.info("next_loop_line")
+        assert "next_loop_line" not in stream.getvalue()
+        flush_logs()
+        assert stream.getvalue().splitlines()[-1].endswith("next_loop_line")
+    finally:
+        structlog.reset_defaults()
