@@ -438,7 +438,7 @@ class Environment:
         """Write an agent configuration in a folder of its own (with its state and spool folders).
 
         Only the gallery, database, bucket, monitoring and worker count are set; everything else
-        keeps s3watch's defaults (poll_interval 2 s, match_timeout 600 s, attempts 5).
+        keeps s3watch's defaults (poll_interval 10 s, match_timeout 600 s, attempts 5).
         """
         folder = self.work / "agents" / name
         folder.mkdir(parents=True)

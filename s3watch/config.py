@@ -290,7 +290,7 @@ SCHEMA: dict[str, Any] = {
     },
     "monitor": {
         "enabled": (_boolean, True),
-        "poll_interval": (_seconds(0.1, 3600), 2.0),
+        "poll_interval": (_seconds(0.1, 3600), 10.0),
         "match_timeout": (_seconds(1, 7 * 86400), 600.0),
     },
     "s3": {
