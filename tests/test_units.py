@@ -447,7 +447,7 @@ def test_matcher_postpone_does_not_count_outage() -> None:
     assert "a" in matcher
 
 
-def test_buffered_log_writes_other_threads_lines_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_buffered_log_flushes_worker_lines(monkeypatch: pytest.MonkeyPatch) -> None:
     stream = io.StringIO()
     monkeypatch.setattr(s3watch.logs, "_buffered", None)
     configure_logging(stream=stream, buffered=True)
