@@ -18,8 +18,8 @@ import botocore.exceptions
 import pytest
 import structlog
 
-from s3watch.config import load_config
 import s3watch.logs
+from s3watch.config import load_config
 from s3watch.journal import Journal, JournalError, JournalState, Uploads, now_iso, read_journal, repair_journal
 from s3watch.logs import configure_logging, flush_logs
 from s3watch.matcher import Matcher
