@@ -178,7 +178,8 @@ class Uploads:
         Returns None, or raises TypeError, ValueError, AttributeError or struct.error, for any
         other upload. This runs for every finished upload at every start, hence the terse checks.
         """
-        if len(merged) == _ALL_FIELDS:
+        complete = len(merged) == _ALL_FIELDS
+        if complete:
             # Every field of the head may be there: read them in one call.
             try:
                 values = _HEAD_FIELDS(merged)
@@ -188,11 +189,11 @@ class Uploads:
             values = tuple(map(merged.get, _HEAD_ORDER))
         md5, etag, row_md5, key, attempts, image_id, size, ts, bucket, source, original = values
 
-        if (len(merged) == _ALL_FIELDS and type(md5) is str and etag == md5 and row_md5 == md5 and type(key) is str
+        if (complete and type(md5) is str and etag == md5 and row_md5 == md5 and type(key) is str
                 and type(attempts) is int and type(image_id) is int and type(size) is int
                 and ts is not None and bucket is not None and source is not None and original is not None):
             # The usual finished photo: every field of the head set, and nothing else. Checking
-            # that in one go took about 9% off the replay of bench/run.py's journal.
+            # that in one go took about 9% off replaying a journal of 200,000 uploads.
             flags = _ALL_FLAGS
         else:
             if (etag is not None and etag != md5) or (row_md5 is not None and row_md5 != md5):
@@ -213,6 +214,7 @@ class Uploads:
             prefix = key[: len(key) - len(path)]
         else:
             return None
+
         names = (bucket, source, original, prefix)
         codes = self._codes_of_names.get(names)
         if codes is None:
