@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import gc
 import heapq
+import itertools
+import marshal
 import math
 import operator
 import os
 import struct
+import sys
 import time
+import zlib
 from collections import Counter
 from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Collection, Iterable, Iterator
+from typing import Any, BinaryIO, Collection, Iterable, Iterator
 
 import orjson
 
@@ -40,6 +44,19 @@ CURSOR_EVENT = "cursor"
 HEADER_EVENT = "journal"
 READ_BUFFER = 1024 * 1024  # bytes read from the journal at a time when it is replayed
 WRITE_BUFFER = 1024 * 1024  # bytes written at a time when the journal is compacted or repaired
+
+# A snapshot is the replayed state, saved beside the journal at a clean stop. It starts with a
+# header line naming the versions it needs. Frames follow (length, CRC-32, marshal data): first a
+# description of the journal it was taken of, then the finished and the unfinished uploads in
+# chunks. marshal, unlike pickle, builds only plain values and runs no code, but its format may
+# change between Python versions.
+SNAPSHOT_VERSION = 1
+_SNAPSHOT_MAGIC = f"s3watch journal snapshot {SNAPSHOT_VERSION} python {sys.version_info[0]}.{sys.version_info[1]} marshal {marshal.version}\n".encode()
+_FRAME = struct.Struct("<QI")
+# Uploads per frame. Reading and writing never keep a second copy of all uploads. On a million uploads,
+# frames of 4096 started in 0.45 s at 259 MB peak, and frames of 65,536 in 0.53 s at 273 MB.
+_SNAPSHOT_CHUNK = 4096
+_SNAPSHOT_CHECK = 4096  # bytes compared at the start and at the end of the part of the journal the snapshot covers
 
 
 class JournalError(Exception):
@@ -374,6 +391,8 @@ class JournalState:
         self.cursor: int | None = None  # highest image id the table poll has handled
         self.format_cursor: int | None = None  # highest format_id the format poll has handled
         self.records = 0
+        self.snapshot_records = 0  # how many of the records were read from the snapshot instead of replayed
+        self.snapshot_note: str | None = None  # why the snapshot beside the journal was not used
         self._md5_index: dict[str, str] | None = None
 
     @property
@@ -428,75 +447,202 @@ def now_iso() -> str:
     return f"{cached[1]}.{int((now - second) * 1000):03d}Z"
 
 
-def read_journal(path: Path) -> tuple[JournalState, int]:
+def snapshot_path(journal_path: Path) -> Path:
+    """Return where the snapshot of the journal at `journal_path` is kept: beside it, as <name>.snapshot."""
+    return journal_path.with_suffix(".snapshot")
+
+
+def read_journal(path: Path, use_snapshot: bool = True) -> tuple[JournalState, int]:
     """Replay the journal at `path`.
 
-    Returns the state and the byte length of the valid part, so that a torn last line (an
-    append cut short by a power loss) can be cut off before the next append. A missing file
-    is an empty journal. Raises JournalError naming the line for a corrupt line that is not
-    the last one, and for an unreadable file.
+    When a snapshot of the state lies beside the journal and still matches it, the state is
+    read from the snapshot and only the records appended after it are replayed; otherwise
+    `snapshot_note` of the state says why not. Returns the state and the byte length of the
+    valid part, so that a torn last line (an append cut short by a power loss) can be cut off
+    before the next append. A missing file is an empty journal. Raises JournalError naming
+    the line for a corrupt line that is not the last one, and for an unreadable file.
     """
-    state = JournalState()
     try:
         # Python reads in blocks of the file system's block size, 4 KiB on ext4. Larger blocks
         # take about 9% off the time to read and parse the lines of a large journal.
         handle = open(path, "rb", buffering=READ_BUFFER)
     except FileNotFoundError:
-        return state, 0
+        return JournalState(), 0
     except OSError as error:
         raise JournalError(f"journal {path} could not be read ({error.strerror}): check the state directory's permissions") from None
 
-    # This loop runs once per record, millions of times: names are bound locally, and the
-    # garbage collector, which would scan the short-lived record dicts again and again for
-    # cycles they cannot form, is paused.
-    apply = state.apply
-    apply_upload = state.uploads.apply
-    finishes_upload = _FINISHES.get
-    loads = orjson.loads
+    # The garbage collector would scan the millions of short-lived record dicts, and the
+    # snapshot's uploads, again and again for cycles they cannot form: it is paused.
     collecting = gc.isenabled()
     gc.disable()
     try:
         with handle:
-            bad_line: str | None = None
-            valid_length: int | None = None
-            number = 0
-            for number, line in enumerate(handle, start=1):
-                if bad_line is not None:
-                    # The bad line was not the last one, so it is corruption, not a torn append.
-                    raise JournalError(bad_line)
-                if not line.endswith(b"\n"):
-                    valid_length = handle.tell() - len(line)  # a torn last line: everything before it is valid
-                    break
-                try:
-                    record = loads(line)
-                    if type(record) is not dict:
-                        raise ValueError("not a JSON object")
-                    # An upload's record goes straight to the uploads, which is what
-                    # JournalState.apply does too, because a fresh state has no md5 index yet.
-                    event = record["event"]
-                    finishes = finishes_upload(event)
-                    if finishes is None:
-                        apply(record)
-                    else:
-                        upload_path = record["path"]
-                        if type(upload_path) is not str:
-                            raise ValueError(f"path is {type(upload_path).__name__}, not a string")
-                        apply_upload(upload_path, record, finishes)
-                except (ValueError, KeyError, TypeError) as error:
-                    bad_line = (
-                        f"journal {path} line {number} is corrupt ({type(error).__name__}: {error}): "
-                        "run 's3watch journal repair' to keep every valid record, or move the file aside"
-                    )
-                    valid_length = handle.tell() - len(line)
-            if valid_length is None:
-                valid_length = handle.tell()
-                state.records = number
-            else:
-                state.records = number - 1  # the lines before the torn or bad one
+            state = _restore_snapshot(path, handle) if use_snapshot else JournalState()
+            return state, _replay(path, handle, state)
     finally:
         if collecting:
             gc.enable()
-    return state, valid_length
+
+
+def _replay(path: Path, handle: BinaryIO, state: JournalState) -> int:
+    """Apply the records from `handle`'s position on to `state`, and return the byte length of the journal's valid part.
+
+    Raises JournalError naming the line for a corrupt line that is not the last one.
+    """
+    # This loop runs once per record, millions of times: names are bound locally.
+    apply = state.apply
+    apply_upload = state.uploads.apply
+    finishes_upload = _FINISHES.get
+    loads = orjson.loads
+
+    bad_line: str | None = None
+    valid_length: int | None = None
+    number = state.records
+    for number, line in enumerate(handle, start=state.records + 1):
+        if bad_line is not None:
+            # The bad line was not the last one, so it is corruption, not a torn append.
+            raise JournalError(bad_line)
+        if not line.endswith(b"\n"):
+            valid_length = handle.tell() - len(line)  # a torn last line: everything before it is valid
+            break
+        try:
+            record = loads(line)
+            if type(record) is not dict:
+                raise ValueError("not a JSON object")
+            # An upload's record goes straight to the uploads, which is what
+            # JournalState.apply does too, because a replayed state has no md5 index yet.
+            event = record["event"]
+            finishes = finishes_upload(event)
+            if finishes is None:
+                apply(record)
+            else:
+                upload_path = record["path"]
+                if type(upload_path) is not str:
+                    raise ValueError(f"path is {type(upload_path).__name__}, not a string")
+                apply_upload(upload_path, record, finishes)
+        except (ValueError, KeyError, TypeError) as error:
+            bad_line = (
+                f"journal {path} line {number} is corrupt ({type(error).__name__}: {error}): "
+                "run 's3watch journal repair' to keep every valid record, or move the file aside"
+            )
+            valid_length = handle.tell() - len(line)
+
+    if valid_length is None:
+        state.records = number
+        return handle.tell()
+    state.records = number - 1  # the lines before the torn or bad one
+    return valid_length
+
+
+class _SnapshotMismatch(Exception):
+    """The snapshot cannot stand in for the journal's records; the message says why."""
+
+
+def _restore_snapshot(journal_path: Path, handle: BinaryIO) -> JournalState:
+    """Return the state saved in the snapshot of the journal open as `handle`, and move `handle` past the records it holds.
+
+    Returns a fresh state, with `handle` left at the start, when there is no snapshot or it
+    does not match the journal; the state's snapshot_note then says why.
+    """
+    path = snapshot_path(journal_path)
+    try:
+        with open(path, "rb") as snapshot:
+            state, offset = _read_snapshot(snapshot, handle.fileno())
+    except FileNotFoundError:
+        return JournalState()
+    except (OSError, _SnapshotMismatch, ValueError, EOFError, TypeError, KeyError) as error:
+        state = JournalState()
+        reason = error.strerror if isinstance(error, OSError) else str(error)
+        state.snapshot_note = f"snapshot {path} not used ({reason}); the whole journal was replayed"
+        return state
+
+    handle.seek(offset)
+    return state
+
+
+def _read_snapshot(snapshot: BinaryIO, journal_fd: int) -> tuple[JournalState, int]:
+    """Read a snapshot and check it against the journal open as `journal_fd`.
+
+    Returns the state and the byte length of the journal it covers. Raises _SnapshotMismatch
+    (or ValueError, EOFError, TypeError, KeyError for a snapshot this code did not write).
+    """
+    if snapshot.read(len(_SNAPSHOT_MAGIC)) != _SNAPSHOT_MAGIC:
+        raise _SnapshotMismatch("written by another version of s3watch or of Python")
+    about = _read_frame(snapshot)
+    if type(about) is not dict:
+        raise _SnapshotMismatch("damaged")
+
+    # The journal is only ever appended to, and compaction and repair, which rewrite it as a
+    # new file, delete the snapshot first. The same file, as long as the snapshot says and with
+    # the same bytes at both ends of that part, is the journal the snapshot was taken of.
+    offset = about["offset"]
+    status = os.fstat(journal_fd)
+    if (status.st_dev, status.st_ino) != (about["device"], about["inode"]):
+        raise _SnapshotMismatch("the journal was replaced after the snapshot was written")
+    if status.st_size < offset:
+        raise _SnapshotMismatch("the journal is shorter than when the snapshot was written")
+    head, tail = about["head"], about["tail"]
+    if os.pread(journal_fd, len(head), 0) != head or os.pread(journal_fd, len(tail), offset - len(tail)) != tail:
+        raise _SnapshotMismatch("the journal was changed after the snapshot was written")
+
+    state = JournalState()
+    uploads = state.uploads
+    for mapping, frames in ((uploads._finished, about["finished_frames"]), (uploads._unfinished, about["unfinished_frames"])):
+        for _ in range(frames):
+            chunk = _read_frame(snapshot)
+            if type(chunk) is not dict:
+                raise _SnapshotMismatch("damaged")
+            mapping.update(chunk)
+    if snapshot.read(1):
+        raise _SnapshotMismatch("damaged")
+
+    uploads._names = list(about["names"])
+    uploads._name_codes = {name: code for code, name in enumerate(uploads._names)}
+    state.cursor = about["cursor"]
+    state.format_cursor = about["format_cursor"]
+    state.records = state.snapshot_records = about["records"]
+    return state, offset
+
+
+def _read_frame(snapshot: BinaryIO) -> Any:
+    """Read one frame of a snapshot and return its value. Raises _SnapshotMismatch when it is cut short or damaged."""
+    head = snapshot.read(_FRAME.size)
+    if len(head) != _FRAME.size:
+        raise _SnapshotMismatch("cut short")
+    length, checksum = _FRAME.unpack(head)
+    data = snapshot.read(length)
+    if len(data) != length:
+        raise _SnapshotMismatch("cut short")
+    if zlib.crc32(data) != checksum:
+        raise _SnapshotMismatch("damaged")
+    return marshal.loads(data)
+
+
+def _snapshot_frames(state: JournalState, journal_fd: int, offset: int) -> Iterator[bytes]:
+    """Yield the bytes of a snapshot of `state`, which is the replay of the first `offset` bytes of the journal open as `journal_fd`.
+
+    Raises ValueError for a value marshal cannot hold.
+    """
+    status = os.fstat(journal_fd)
+    check = min(offset, _SNAPSHOT_CHECK)
+    uploads = state.uploads
+    about = {
+        "device": status.st_dev, "inode": status.st_ino, "offset": offset,
+        "head": os.pread(journal_fd, check, 0), "tail": os.pread(journal_fd, check, offset - check),
+        "records": state.records, "cursor": state.cursor, "format_cursor": state.format_cursor, "names": uploads._names,
+        "finished_frames": -(-len(uploads._finished) // _SNAPSHOT_CHUNK), "unfinished_frames": -(-len(uploads._unfinished) // _SNAPSHOT_CHUNK),
+    }
+    yield _SNAPSHOT_MAGIC
+    yield _frame(about)
+    for mapping in (uploads._finished, uploads._unfinished):
+        entries = iter(mapping.items())
+        while chunk := dict(itertools.islice(entries, _SNAPSHOT_CHUNK)):
+            yield _frame(chunk)
+
+
+def _frame(value: Any) -> bytes:
+    data = marshal.dumps(value, 4)
+    return _FRAME.pack(len(data), zlib.crc32(data)) + data
 
 
 def iter_records(path: Path) -> Iterator[tuple[int, bytes, dict[str, Any] | None]]:
@@ -529,7 +675,11 @@ class Journal:
         self._appended_since_compaction = 0
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        if valid_length == 0:
+            # A snapshot left from a journal that was moved aside must not stand in for the new one.
+            snapshot_path(path).unlink(missing_ok=True)
+        # Read access too: a snapshot compares the bytes it covers.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         size = os.fstat(fd).st_size
         if size > valid_length:
             # Drop a torn last line so that the next record does not glue onto it.
@@ -616,6 +766,7 @@ class Journal:
         state = self.state
         try:
             records = _write_durably(temporary, _compacted_lines(state))
+            snapshot_path(self.path).unlink(missing_ok=True)
             os.replace(temporary, self.path)
             _fsync_directory(self.path.parent)
         except OSError as error:
@@ -623,10 +774,31 @@ class Journal:
             raise JournalError(f"journal {self.path} could not be compacted ({error.strerror}): free space in the state directory") from None
 
         os.close(self._fd)
-        self._fd = os.open(self.path, os.O_WRONLY)
+        self._fd = os.open(self.path, os.O_RDWR)
         self._durable_size = os.lseek(self._fd, 0, os.SEEK_END)
         state.records = records
         self._appended_since_compaction = 0
+
+    def write_snapshot(self) -> int:
+        """Commit, then save the state beside the journal, so that the next start need not replay every record.
+
+        Returns the snapshot's size in bytes. Raises JournalError when the journal cannot be
+        committed or the snapshot cannot be written; the journal is unharmed either way, and
+        the next start replays it whole.
+        """
+        self.commit()
+        target = snapshot_path(self.path)
+        temporary = target.with_name(target.name + ".tmp")
+        try:
+            _write_durably(temporary, _snapshot_frames(self.state, self._fd, self._durable_size))
+            size = os.path.getsize(temporary)
+            os.replace(temporary, target)
+            _fsync_directory(target.parent)
+        except (OSError, ValueError) as error:
+            temporary.unlink(missing_ok=True)
+            reason = error.strerror if isinstance(error, OSError) else str(error)
+            raise JournalError(f"snapshot {target} could not be written ({reason}): the next start replays the whole journal") from None
+        return size
 
     def close(self) -> None:
         """Commit what is buffered and close the file."""
@@ -712,6 +884,7 @@ def repair_journal(path: Path) -> tuple[int, int]:
     try:
         kept = _write_durably(temporary, valid_lines())
         os.link(path, backup)
+        snapshot_path(path).unlink(missing_ok=True)
         os.replace(temporary, path)
         _fsync_directory(path.parent)
     except OSError as error:

@@ -1,0 +1,231 @@
+"""The journal's snapshot: the replayed state saved at a clean stop, read instead of the records it covers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from s3watch.journal import Journal, JournalError, JournalState, read_journal, repair_journal, snapshot_path
+
+MD5 = "6513270e269e0d37f2a74de452e6b438"
+
+
+def fill(journal: Journal, first: int, count: int) -> None:
+    """Append the records of `count` photos in every state the agent leaves them in."""
+    for number in range(first, first + count):
+        photo = f"upload/2026/12/05/{number:06d}.jpg"
+        md5 = f"{number:032x}"
+        journal.append("detected", photo, source="monitor")
+        journal.append("queued", photo, image_id=number, row_md5=md5)
+        kind = number % 7
+        if kind == 0:
+            journal.append("failed", photo, code="failed_code_403", error="denied", attempts=1)  # still pending
+        elif kind == 1:
+            journal.append("uploaded", photo, key=f"originals/{photo}", bucket="gallery", md5=md5, etag=md5, bytes=number,
+                           attempts=1, original="as_uploaded")
+        elif kind == 2:
+            journal.append("already_present", photo, key=photo, bucket="gallery", attempts=1)
+        elif kind == 3:
+            journal.append("duplicate", photo, duplicate_of="upload/other.jpg", md5=MD5, bucket="gallery")
+        elif kind == 4:
+            # An etag that is not the md5 and a field this version does not know: kept as JSON.
+            journal.append("uploaded", photo, key=photo, bucket="other-bucket", md5=md5, etag="multipart-2", bytes=1, attempts=2,
+                           original="as_stored", future_field={"a": [1, 2.5, None]})
+        elif kind == 5:
+            journal.append("gone", photo)
+        # kind 6 stays queued
+    journal.append("cursor", image_id=first + count)
+    journal.append("cursor", format_id=first)
+
+
+def observable(state: JournalState) -> dict[str, Any]:
+    """Everything the agent and the commands read from a replayed state."""
+    return {
+        "uploads": dict(state.uploads.items()),
+        "order": list(state.uploads),
+        "uploaded_content": list(state.uploads.uploaded_content()),
+        "counts": state.uploads.finished_counts(),
+        "latest": state.uploads.latest_finished({"uploaded", "already_present"}, 10),
+        "unfinished": state.uploads.unfinished(),
+        "md5_index": state.md5_index,
+        "cursors": (state.cursor, state.format_cursor),
+        "records": state.records,
+    }
+
+
+def test_snapshot_stands_in_for_the_records_it_covers(tmp_path: Path) -> None:
+    path = tmp_path / "journal.jsonl"
+    journal = Journal(path)
+    fill(journal, 1, 200)
+    journal.append("queued", "upload/2026/12/05/000008.jpg", image_id=8, source="batch")  # a finished upload queued again
+    journal.write_snapshot()
+    covered = journal.state.records
+    fill(journal, 1000, 30)  # after the snapshot: replayed from the journal
+    journal.close()
+
+    whole, whole_length = read_journal(path, use_snapshot=False)
+    state, length = read_journal(path)
+    assert (state.snapshot_records, state.snapshot_note) == (covered, None)
+    assert length == whole_length == path.stat().st_size
+    assert observable(state) == observable(whole)
+
+    # New uploads packed after a start from the snapshot use the same codes for bucket and source.
+    journal = Journal(path)
+    assert journal.state.snapshot_records == covered
+    journal.append("queued", "upload/new.jpg", image_id=5000, row_md5=MD5, source="batch")
+    journal.append("uploaded", "upload/new.jpg", key="originals/upload/new.jpg", bucket="gallery", md5=MD5, etag=MD5, bytes=3,
+                   attempts=1, original="as_uploaded")
+    journal.append("queued", "upload/new2.jpg", image_id=5001, row_md5=MD5, source="poll")
+    journal.append("uploaded", "upload/new2.jpg", key="upload/new2.jpg", bucket="third", md5=MD5, etag=MD5, bytes=3, attempts=1)
+    in_memory = observable(journal.state)
+    journal.write_snapshot()
+    journal.close()
+    assert observable(read_journal(path)[0]) == in_memory == observable(read_journal(path, use_snapshot=False)[0])
+
+
+def test_snapshot_of_an_empty_journal(tmp_path: Path) -> None:
+    path = tmp_path / "journal.jsonl"
+    journal = Journal(path)
+    journal.write_snapshot()
+    journal.close()
+    state, length = read_journal(path)
+    assert (state.snapshot_records, len(state.uploads), length) == (1, 0, path.stat().st_size)
+
+
+def replace_journal(path: Path) -> None:
+    copy = path.with_name("copy")
+    shutil.copy(path, copy)
+    os.replace(copy, path)
+
+
+def cut_journal(path: Path) -> None:
+    os.truncate(path, path.stat().st_size - 100)
+
+
+def change_journal(path: Path) -> None:
+    # Same file, longer: the last photo that was gone now has a field more, before the snapshot's end.
+    data = path.read_bytes()
+    at = data.rindex(b'"event":"gone"') + len(b'"event":"gone"')
+    path.write_bytes(data[:at] + b',"note":"edited"' + data[at:])
+
+
+def damage_snapshot(path: Path) -> None:
+    snapshot = snapshot_path(path)
+    data = bytearray(snapshot.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    snapshot.write_bytes(bytes(data))
+
+
+def cut_snapshot(path: Path) -> None:
+    snapshot = snapshot_path(path)
+    os.truncate(snapshot, snapshot.stat().st_size - 10)
+
+
+def other_python(path: Path) -> None:
+    snapshot = snapshot_path(path)
+    data = snapshot.read_bytes()
+    snapshot.write_bytes(data.replace(b"python 3.", b"python 9.", 1))
+
+
+@pytest.mark.parametrize(("change", "reason"), [
+    (replace_journal, "the journal was replaced after the snapshot was written"),
+    (cut_journal, "the journal is shorter than when the snapshot was written"),
+    (change_journal, "the journal was changed after the snapshot was written"),
+    (damage_snapshot, "damaged"),
+    (cut_snapshot, "cut short"),
+    (other_python, "written by another version of s3watch or of Python"),
+])
+def test_snapshot_that_no_longer_matches_is_not_used(tmp_path: Path, change: Callable[[Path], None], reason: str) -> None:
+    path = tmp_path / "journal.jsonl"
+    journal = Journal(path)
+    fill(journal, 1, 300)
+    journal.write_snapshot()
+    journal.close()
+
+    change(path)
+
+    state, length = read_journal(path)
+    whole, whole_length = read_journal(path, use_snapshot=False)
+    assert state.snapshot_records == 0
+    assert state.snapshot_note == f"snapshot {snapshot_path(path)} not used ({reason}); the whole journal was replayed"
+    assert (observable(state), length) == (observable(whole), whole_length)
+
+
+def test_compaction_repair_and_a_new_journal_remove_the_snapshot(tmp_path: Path) -> None:
+    path = tmp_path / "journal.jsonl"
+    journal = Journal(path)
+    fill(journal, 1, 100)
+    journal.write_snapshot()
+    journal.compact()
+    assert not snapshot_path(path).exists()
+    journal.write_snapshot()
+    journal.close()
+
+    repair_journal(path)
+    assert not snapshot_path(path).exists()
+
+    journal = Journal(path)
+    journal.write_snapshot()
+    journal.close()
+    path.rename(tmp_path / "journal.old")
+    Journal(path).close()  # a new, empty journal
+    assert not snapshot_path(path).exists()
+
+
+def test_corrupt_line_after_snapshot_is_named_by_its_number_in_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "journal.jsonl"
+    journal = Journal(path)
+    fill(journal, 1, 20)
+    journal.write_snapshot()
+    journal.append("queued", "upload/a.jpg", image_id=1)
+    journal.close()
+    lines = len(path.read_bytes().splitlines())
+    with open(path, "ab") as handle:
+        handle.write(b'{"event":"queued"\n{"event":"queued","path":"upload/b.jpg"}\n')
+
+    with pytest.raises(JournalError, match=f"line {lines + 1} is corrupt"):
+        read_journal(path)
+
+
+def test_torn_line_after_snapshot_is_cut_before_the_next_append(tmp_path: Path) -> None:
+    path = tmp_path / "journal.jsonl"
+    journal = Journal(path)
+    fill(journal, 1, 20)
+    journal.write_snapshot()
+    journal.close()
+    size = path.stat().st_size
+    with open(path, "ab") as handle:
+        handle.write(b'{"event":"uploaded","pa')
+
+    state, length = read_journal(path)
+    assert (length, state.snapshot_note) == (size, None)
+    journal = Journal(path)
+    journal.append("queued", "upload/b.jpg", image_id=2)
+    journal.close()
+    state = read_journal(path)[0]
+    assert state.snapshot_records > 0 and "upload/b.jpg" in state.uploads
+    assert observable(state) == observable(read_journal(path, use_snapshot=False)[0])
+
+
+def test_snapshot_that_cannot_be_written_leaves_nothing_behind(tmp_path: Path) -> None:
+    path = tmp_path / "journal.jsonl"
+    journal = Journal(path)
+    fill(journal, 1, 20)
+    journal.write_snapshot()
+    before = snapshot_path(path).read_bytes()
+    # orjson writes a datetime as text, but the in-memory record keeps the object, which marshal cannot hold.
+    journal.append("queued", "upload/a.jpg", image_id=1, seen=datetime(2026, 12, 5, tzinfo=timezone.utc))
+
+    with pytest.raises(JournalError, match=r"snapshot .* could not be written \(unmarshallable object\): the next start replays the whole journal"):
+        journal.write_snapshot()
+    journal.close()
+    assert snapshot_path(path).read_bytes() == before  # the earlier one, which still matches a prefix of the journal
+    assert not list(tmp_path.glob("*.tmp"))
+    state = read_journal(path)[0]
+    assert state.uploads["upload/a.jpg"].status == "pending"
+    assert observable(state) == observable(read_journal(path, use_snapshot=False)[0])
