@@ -179,7 +179,7 @@ class Agent:
         self._connect_database()  # a wrong password or table fails here, before anything is written
         lock_fd = acquire_lock(config.state_dir)
         try:
-            self.journal = Journal(config.journal_path)
+            self._open_journal()
             self._clean_up_originals()
             self._start_database()
             self.uploader = Uploader(config.s3, config.uploads, config.links, config.piwigo.root, stop=self.abort_event,
@@ -217,6 +217,29 @@ class Agent:
             if self.table is not None:
                 self.table.close()
             os.close(lock_fd)
+
+    def _open_journal(self) -> None:
+        """Replay the journal, from its snapshot when it has a matching one. Raises JournalError."""
+        started = time.monotonic()
+        self.journal = Journal(self.config.journal_path)
+        state = self.journal.state
+        if state.snapshot_note is not None:
+            log.info("journal_snapshot_not_used", reason=state.snapshot_note)
+        log.info("journal_read", records=state.records, from_snapshot=state.snapshot_records, uploads=len(state.uploads),
+                 ms=round((time.monotonic() - started) * 1000))
+
+    def _write_snapshot(self) -> None:
+        """Save the journal's state at a clean stop, so that the next start need not replay every record."""
+        assert self.journal is not None
+        started = time.monotonic()
+        try:
+            size = self.journal.write_snapshot()
+        except JournalError as error:
+            # Only the next start's speed depends on it: that start replays the whole journal.
+            log.warning("journal_snapshot_failed", error=str(error))
+            return
+        log.info("journal_snapshot_written", uploads=len(self.journal.state.uploads), bytes=size,
+                 ms=round((time.monotonic() - started) * 1000))
 
     def _start_metrics(self) -> None:
         """Open the Prometheus endpoint when metrics.listen is set. Raises AgentError when it cannot be opened."""
@@ -344,6 +367,7 @@ class Agent:
         self.next_journal_retry = 0.0
         if self._commit(time.time()):
             self._delete_captures()
+            self._write_snapshot()
         else:
             log.error("journal_not_saved", hint="the last outcomes could not be recorded; their photos are checked again at the next start")
         log.info("stopped")

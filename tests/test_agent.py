@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -253,10 +254,15 @@ def test_restart_catches_up_on_photos_added_while_down(setup: Setup, agent: Agen
     agent.start()
     _, first = piwigo.add_photo(sample_photo(1))
     wait_for(lambda: uploaded(setup, first), what="the first photo")
-    agent.stop()
+    assert agent.stop() == 0
+    assert agent.logged("journal_snapshot_written")
 
     missed = [piwigo.add_photo(sample_photo(n))[1] for n in range(2, 5)]
     agent.start()
+    wait_for(lambda: agent.log().count("journal_read") == 2, what="the second start to read its journal")
+    first, second = re.findall(r"journal_read records=(\d+) from_snapshot=(\d+)", agent.log())
+    assert first[1] == "0"
+    assert second[1] == second[0] != "0"  # the second start read every record from the snapshot
     for path in missed:
         wait_for(lambda: uploaded(setup, path), what=f"{path} found by the table poll")
     assert {setup.journal().uploads[path].source for path in missed} == {"poll"}
