@@ -473,26 +473,31 @@ def write_replay_journal(path: Path, uploads: int, seed: int) -> int:
 
 @dataclass(frozen=True)
 class Replay:
-    """One replay of a journal by read_journal in a fresh process."""
+    """One start of the agent's journal in a fresh process: every record replayed, or read from the snapshot."""
 
-    seconds: float  # read_journal alone, without the interpreter's start
-    peak_bytes: int  # the process's peak resident memory (VmHWM)
-    uploads: int
+    seconds: float  # reading the journal alone, without the interpreter's start
+    peak_bytes: int  # the process's peak resident memory (VmHWM) after reading it
+    snapshot_seconds: float | None = None  # writing the snapshot afterwards, as a clean stop does
+    snapshot_bytes: int | None = None
 
 
-def replay(path: Path, expected_uploads: int) -> Replay:
-    """Replay a journal with s3watch's read_journal in a child process and return its time and peak memory.
+def replay(path: Path, expected_uploads: int, from_snapshot: bool = False) -> Replay:
+    """Read a journal as the agent does at start, in a child process, and return its time and peak memory.
 
-    Raises BenchError when the child fails or finds another number of uploaded photos, which
-    would mean the journal was not written in the agent's format.
+    Without `from_snapshot`, every record is replayed, and the child then writes the snapshot
+    a clean stop writes; with it, the child starts from that snapshot. Raises BenchError when
+    the child fails or finds another number of uploaded photos, which would mean the journal
+    was not written in the agent's format.
     """
-    result = subprocess.run([sys.executable, str(REPLAY_CHILD), str(path)], capture_output=True, text=True)
+    command = [sys.executable, str(REPLAY_CHILD), str(path), *(["--from-snapshot"] if from_snapshot else [])]
+    result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise BenchError(f"the journal replay exited with status {result.returncode}: {result.stderr.strip()[-500:]}")
     figures = json.loads(result.stdout)
     if figures["uploaded"] != expected_uploads:
         raise BenchError(f"the replay found {figures['uploaded']} uploaded photos, expected {expected_uploads}")
-    return Replay(seconds=figures["seconds"], peak_bytes=figures["peak_bytes"], uploads=figures["uploaded"])
+    return Replay(seconds=figures["seconds"], peak_bytes=figures["peak_bytes"], snapshot_seconds=figures.get("snapshot_seconds"),
+                  snapshot_bytes=figures.get("snapshot_bytes"))
 
 
 # 4. Idle cost -------------------------------------------------------------------------------

@@ -1,17 +1,19 @@
-"""Replay one journal with s3watch's read_journal and print the time it took and the process's peak memory.
+"""Read one journal as the agent does at start, and print the time it took and the process's peak memory.
 
 Run by measurements.replay in a fresh process, so that the peak resident memory (VmHWM) is the
-replay's own: `python bench/replay_journal.py JOURNAL` prints one JSON object.
+read's own. `python bench/replay_journal.py JOURNAL` replays every record, as a start without a
+snapshot does, then writes the snapshot that a clean stop writes. With `--from-snapshot` it
+starts from that snapshot instead. Each prints one JSON object.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-from s3watch.journal import read_journal
+from s3watch.journal import Journal, read_journal, snapshot_path
 
 
 def peak_resident_bytes() -> int:
@@ -23,12 +25,34 @@ def peak_resident_bytes() -> int:
 
 
 def main() -> None:
-    path = Path(sys.argv[1])
-    started = time.perf_counter()
-    state, _valid_length = read_journal(path)
-    seconds = time.perf_counter() - started
-    uploaded = sum(1 for upload in state.uploads.values() if upload.status == "uploaded")
-    print(json.dumps({"seconds": seconds, "records": state.records, "uploaded": uploaded, "peak_bytes": peak_resident_bytes()}))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("journal", type=Path)
+    parser.add_argument("--from-snapshot", action="store_true", help="start from the snapshot beside the journal")
+    arguments = parser.parse_args()
+    path: Path = arguments.journal
+
+    if arguments.from_snapshot:
+        started = time.perf_counter()
+        state, _valid_length = read_journal(path)
+        seconds = time.perf_counter() - started
+        peak = peak_resident_bytes()
+        if state.snapshot_records != state.records:
+            raise SystemExit(f"the snapshot was not used: {state.snapshot_note}")
+        figures = {"seconds": seconds, "peak_bytes": peak}
+    else:
+        snapshot_path(path).unlink(missing_ok=True)
+        started = time.perf_counter()
+        journal = Journal(path)
+        seconds = time.perf_counter() - started
+        peak = peak_resident_bytes()
+        state = journal.state
+        started = time.perf_counter()
+        snapshot_bytes = journal.write_snapshot()
+        figures = {"seconds": seconds, "peak_bytes": peak, "snapshot_seconds": time.perf_counter() - started, "snapshot_bytes": snapshot_bytes}
+        journal.close()
+
+    figures.update(records=state.records, uploaded=state.uploads.finished_counts()["uploaded"])
+    print(json.dumps(figures))
 
 
 if __name__ == "__main__":

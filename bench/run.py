@@ -184,6 +184,10 @@ def print_report(results: Results, sizes: Sizes, data: dict[str, DataSet], worke
           for group in COMMIT_GROUPS),
         Row(f"replay {sizes.replay_uploads:,} uploads ({replay_records:,} records)", "journal.replay.seconds", "s", below(5.0)),
         Row("replay: peak resident memory", "journal.replay.peak", "MB", below(300.0)),
+        Row("snapshot of those uploads: written at a clean stop", "journal.snapshot.write", "s"),
+        Row("snapshot: size", "journal.snapshot.size", "MB"),
+        Row("start from the snapshot", "journal.snapshot.start", "s"),
+        Row("start from the snapshot: peak resident memory", "journal.snapshot.peak", "MB"),
     ]))
 
     sections.append((f"4. Idle: {sizes.day_folders:,} day folders, {sizes.idle_seconds:g} s", "idle", [
@@ -393,13 +397,22 @@ def run_journal(env: Environment, prepared: Prepared, results: Results, sizes: S
         # As for the batch clocks: the commit rates above leave dirty pages to write back.
         measurements.settle(env)
         replay = measurements.replay(prepared.replay_journal, sizes.replay_uploads)
+        start = measurements.replay(prepared.replay_journal, sizes.replay_uploads, from_snapshot=True)
     except BenchError as error:
         progress(run, runs, f"journal replay: FAILED: {error}")
-        results.notes["journal.replay.seconds"] = results.notes["journal.replay.peak"] = "failed (see above)"
+        for key in ("replay.seconds", "replay.peak", "snapshot.write", "snapshot.size", "snapshot.start", "snapshot.peak"):
+            results.notes[f"journal.{key}"] = "failed (see above)"
         return
+    assert replay.snapshot_seconds is not None and replay.snapshot_bytes is not None
     results.add("journal.replay.seconds", replay.seconds)
     results.add("journal.replay.peak", replay.peak_bytes / 1e6)
-    progress(run, runs, f"journal replay of {replay.uploads:,} uploads: {replay.seconds:.2f} s, peak {replay.peak_bytes / 1e6:,.0f} MB")
+    results.add("journal.snapshot.write", replay.snapshot_seconds)
+    results.add("journal.snapshot.size", replay.snapshot_bytes / 1e6)
+    results.add("journal.snapshot.start", start.seconds)
+    results.add("journal.snapshot.peak", start.peak_bytes / 1e6)
+    progress(run, runs, f"journal replay of {sizes.replay_uploads:,} uploads: {replay.seconds:.2f} s, peak {replay.peak_bytes / 1e6:,.0f} MB; "
+             f"snapshot written in {replay.snapshot_seconds:.2f} s ({replay.snapshot_bytes / 1e6:,.0f} MB); "
+             f"start from it {start.seconds:.2f} s, peak {start.peak_bytes / 1e6:,.0f} MB")
 
 
 def run_idle(env: Environment, prepared: Prepared, results: Results, sizes: Sizes, workers: int, run: int, runs: int) -> None:
