@@ -610,9 +610,9 @@ def _read_frame(snapshot: BinaryIO) -> Any:
     if len(head) != _FRAME.size:
         raise _SnapshotMismatch("cut short")
     length, checksum = _FRAME.unpack(head)
+    if length > os.fstat(snapshot.fileno()).st_size - snapshot.tell():
+        raise _SnapshotMismatch("cut short")  # checked first: a damaged length could ask for more memory than there is
     data = snapshot.read(length)
-    if len(data) != length:
-        raise _SnapshotMismatch("cut short")
     if zlib.crc32(data) != checksum:
         raise _SnapshotMismatch("damaged")
     return marshal.loads(data)

@@ -229,3 +229,19 @@ def test_snapshot_that_cannot_be_written_leaves_nothing_behind(tmp_path: Path) -
     state = read_journal(path)[0]
     assert state.uploads["upload/a.jpg"].status == "pending"
     assert observable(state) == observable(read_journal(path, use_snapshot=False)[0])
+
+
+def test_snapshot_with_a_damaged_frame_length_is_not_used(tmp_path: Path) -> None:
+    path = tmp_path / "journal.jsonl"
+    journal = Journal(path)
+    fill(journal, 1, 20)
+    journal.write_snapshot()
+    journal.close()
+    snapshot = snapshot_path(path)
+    data = snapshot.read_bytes()
+    header = data.index(b"\n") + 1
+    snapshot.write_bytes(data[:header] + (2**63).to_bytes(8, "little") + data[header + 8:])
+
+    state, _ = read_journal(path)
+    assert state.snapshot_note == f"snapshot {snapshot} not used (cut short); the whole journal was replayed"
+    assert observable(state) == observable(read_journal(path, use_snapshot=False)[0])
