@@ -312,9 +312,9 @@ def run_batch(env: Environment, prepared: Prepared, results: Results, workers: i
         finally:
             env.delete_bucket(bucket)
 
-        # s3watch and raw boto3 take turns going first. rclone goes last: on the small files,
-        # whichever tool went right after rclone was about 9% slower, also after a sync and a
-        # quiet store, and the next data set's warm-up takes that place.
+        # s3watch and raw boto3 take turns going first, and rclone goes last. On the small files,
+        # whichever tool went right after rclone was about 9% slower, even after a sync and a
+        # quiet store. The next data set's unmeasured warm-up takes that place.
         tools = ["s3watch", "raw"] if run % 2 else ["raw", "s3watch"]
         if measurements.rclone_available():
             tools.append("rclone")
