@@ -58,6 +58,16 @@ def observable(state: JournalState) -> dict[str, Any]:
     }
 
 
+def snapshotted_journal(tmp_path: Path, photos: int) -> Path:
+    """Write a journal of `photos` photos and a snapshot of all of it, and return the journal's path."""
+    path = tmp_path / "journal.jsonl"
+    journal = Journal(path)
+    fill(journal, 1, photos)
+    journal.write_snapshot()
+    journal.close()
+    return path
+
+
 def test_snapshot_stands_in_for_the_records_it_covers(tmp_path: Path) -> None:
     path = tmp_path / "journal.jsonl"
     journal = Journal(path)
@@ -141,11 +151,7 @@ def other_python(path: Path) -> None:
     (other_python, "written by another version of s3watch or of Python"),
 ])
 def test_snapshot_that_no_longer_matches_is_not_used(tmp_path: Path, change: Callable[[Path], None], reason: str) -> None:
-    path = tmp_path / "journal.jsonl"
-    journal = Journal(path)
-    fill(journal, 1, 300)
-    journal.write_snapshot()
-    journal.close()
+    path = snapshotted_journal(tmp_path, 300)
 
     change(path)
 
@@ -193,11 +199,7 @@ def test_corrupt_line_after_snapshot_is_named_by_its_number_in_the_file(tmp_path
 
 
 def test_torn_line_after_snapshot_is_cut_before_the_next_append(tmp_path: Path) -> None:
-    path = tmp_path / "journal.jsonl"
-    journal = Journal(path)
-    fill(journal, 1, 20)
-    journal.write_snapshot()
-    journal.close()
+    path = snapshotted_journal(tmp_path, 20)
     size = path.stat().st_size
     with open(path, "ab") as handle:
         handle.write(b'{"event":"uploaded","pa')
@@ -232,11 +234,7 @@ def test_snapshot_that_cannot_be_written_leaves_nothing_behind(tmp_path: Path) -
 
 
 def test_snapshot_with_a_damaged_frame_length_is_not_used(tmp_path: Path) -> None:
-    path = tmp_path / "journal.jsonl"
-    journal = Journal(path)
-    fill(journal, 1, 20)
-    journal.write_snapshot()
-    journal.close()
+    path = snapshotted_journal(tmp_path, 20)
     snapshot = snapshot_path(path)
     data = snapshot.read_bytes()
     header = data.index(b"\n") + 1
