@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
@@ -107,21 +108,33 @@ def test_snapshot_of_an_empty_journal(tmp_path: Path) -> None:
     assert (state.snapshot_records, len(state.uploads), length) == (1, 0, path.stat().st_size)
 
 
-def replace_journal(path: Path) -> None:
-    copy = path.with_name("copy")
-    shutil.copy(path, copy)
-    os.replace(copy, path)
+def other_journal(path: Path) -> None:
+    # Another gallery's journal, longer than the part the snapshot covers.
+    other = snapshotted_journal(path.parent / "other", 400)
+    shutil.copy(other, path)
+
+
+def other_snapshot(path: Path) -> None:
+    other = snapshotted_journal(path.parent / "other", 200)
+    shutil.copy(snapshot_path(other), snapshot_path(path))
 
 
 def cut_journal(path: Path) -> None:
     os.truncate(path, path.stat().st_size - 100)
 
 
-def change_journal(path: Path) -> None:
-    # Same file, longer: the last photo that was gone now has a field more, before the snapshot's end.
+def lengthen_record(path: Path) -> None:
+    # The last photo that was gone now has a field more, before the snapshot's end.
     data = path.read_bytes()
     at = data.rindex(b'"event":"gone"') + len(b'"event":"gone"')
     path.write_bytes(data[:at] + b',"note":"edited"' + data[at:])
+
+
+def edit_middle(path: Path) -> None:
+    # Same length, far from both ends: one photo uploaded becomes one just detected.
+    data = path.read_bytes()
+    at = data.index(b'"event":"uploaded"', len(data) // 2)
+    path.write_bytes(data[:at] + b'"event":"detected"' + data[at + len(b'"event":"uploaded"'):])
 
 
 def damage_snapshot(path: Path) -> None:
@@ -136,18 +149,30 @@ def cut_snapshot(path: Path) -> None:
     os.truncate(snapshot, snapshot.stat().st_size - 10)
 
 
+def empty_snapshot(path: Path) -> None:
+    snapshot_path(path).write_bytes(b"")
+
+
+def not_a_snapshot(path: Path) -> None:
+    snapshot_path(path).write_bytes(b"notes kept here by hand\n")
+
+
 def other_python(path: Path) -> None:
     snapshot = snapshot_path(path)
     data = snapshot.read_bytes()
-    snapshot.write_bytes(data.replace(b"python 3.", b"python 9.", 1))
+    snapshot.write_bytes(data.replace(b"python 3.", b"python 3.1", 1))
 
 
 @pytest.mark.parametrize(("change", "reason"), [
-    (replace_journal, "the journal was replaced after the snapshot was written"),
-    (cut_journal, "the journal is shorter than when the snapshot was written"),
-    (change_journal, "the journal was changed after the snapshot was written"),
+    (other_journal, "the journal differs from the one the snapshot was taken of"),
+    (other_snapshot, "the journal differs from the one the snapshot was taken of"),
+    (cut_journal, "the journal is shorter than the part the snapshot covers"),
+    (lengthen_record, "the journal differs from the one the snapshot was taken of"),
+    (edit_middle, "the journal differs from the one the snapshot was taken of"),
     (damage_snapshot, "damaged"),
     (cut_snapshot, "cut short"),
+    (empty_snapshot, "cut short"),
+    (not_a_snapshot, "damaged"),
     (other_python, "written by another version of s3watch or of Python"),
 ])
 def test_snapshot_that_no_longer_matches_is_not_used(tmp_path: Path, change: Callable[[Path], None], reason: str) -> None:
@@ -160,6 +185,39 @@ def test_snapshot_that_no_longer_matches_is_not_used(tmp_path: Path, change: Cal
     assert state.snapshot_records == 0
     assert state.snapshot_note == f"snapshot {snapshot_path(path)} not used ({reason}); the whole journal was replayed"
     assert (observable(state), length) == (observable(whole), whole_length)
+
+
+def test_journal_moved_with_the_same_bytes_keeps_its_snapshot(tmp_path: Path) -> None:
+    path = snapshotted_journal(tmp_path, 50)
+    copy = tmp_path / "copy"
+    shutil.copy(path, copy)
+    os.replace(copy, path)  # a new file, as after a restore from a backup
+
+    state, _ = read_journal(path)
+    assert (state.snapshot_records, state.snapshot_note) == (state.records, None)
+
+
+def test_directory_at_snapshot_path_gets_a_clear_error(tmp_path: Path) -> None:
+    path = snapshotted_journal(tmp_path, 20)
+    snapshot = snapshot_path(path)
+    snapshot.unlink()
+    snapshot.mkdir()
+
+    state, _ = read_journal(path)
+    assert state.snapshot_note == f"snapshot {snapshot} not used (Is a directory); the whole journal was replayed"
+    cannot_delete = f"snapshot {snapshot} could not be deleted (Is a directory): remove it by hand, it is only a copy of the journal's state"
+    journal = Journal(path)
+    with pytest.raises(JournalError, match=re.escape(cannot_delete)):
+        journal.compact()
+    with pytest.raises(JournalError, match=r"snapshot .* could not be written \(Is a directory\)"):
+        journal.write_snapshot()
+    journal.close()
+    with pytest.raises(JournalError, match=re.escape(cannot_delete)):
+        repair_journal(path)
+    assert not list(tmp_path.glob("journal.jsonl.corrupt-*"))  # nothing was repaired, so no copy is kept
+    path.rename(tmp_path / "journal.old")
+    with pytest.raises(JournalError, match=re.escape(cannot_delete)):
+        Journal(path)  # a new journal
 
 
 def test_compaction_repair_and_a_new_journal_remove_the_snapshot(tmp_path: Path) -> None:
