@@ -119,6 +119,7 @@ class Agent:
         self.stop_event = threading.Event()
         self.reload_event = threading.Event()
         self.abort_event = threading.Event()  # set at the stop deadline: workers give up
+        self.abandoned = 0  # uploads still in flight at the stop deadline, left to the next start
         # Set by a worker as soon as the store fails store-wide, before the loop hears of it, so
         # that uploads handed out ahead do not start meanwhile. Cleared when uploads resume.
         self.store_failed = threading.Event()
@@ -361,8 +362,11 @@ class Agent:
             # Abandoned uploads stay pending in the journal; the next start sends them again,
             # and a conditional write keeps a finished one from being written twice.
             self.abort_event.set()
-            log.warning("stop_deadline_passed", abandoned=len(self.in_flight))
-        self.workers.shutdown(wait=True, cancel_futures=True)
+            self.abandoned = len(self.in_flight)
+            log.warning("stop_deadline_passed", abandoned=self.abandoned)
+        # A request that hangs keeps its worker busy until s3.read_timeout (60 s by default),
+        # past systemd's stop timeout, so the workers of abandoned uploads are not waited for.
+        self.workers.shutdown(wait=not self.abandoned, cancel_futures=True)
         self._handle_messages(timeout=0)
         self.next_journal_retry = 0.0
         if self._commit(time.time()):

@@ -166,7 +166,16 @@ def _run(config: Config) -> int:
 
     configure_logging(config.log.format, config.log.level, buffered=True)
     try:
-        return Agent(config).run()
+        agent = Agent(config)
+        status = agent.run()
+        if agent.abandoned:
+            # The threads of uploads abandoned at the stop deadline may wait on their sockets
+            # until s3.read_timeout, and the interpreter would wait for them before exiting. The
+            # journal is saved and closed by now.
+            flush_logs()
+            sys.stdout.flush()
+            os._exit(status)
+        return status
     except DatabaseError as error:
         flush_logs()  # the agent's lines come before the error that ended it
         _error(str(error))

@@ -529,3 +529,26 @@ def test_object_written_during_upload_not_overwritten(
     assert client.get_object(Bucket=bucket, Key=path)["Body"].read() == foreign
     assert setup.upload_status(path) == "already_present"
     assert "conditional_writes_unsupported" not in agent.log()
+
+
+@pytest.mark.slow
+def test_stop_leaves_a_hung_upload_at_the_deadline(proxy: FaultProxy, proxied_setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation) -> None:
+    setup = proxied_setup
+    # Longer than the stop deadline, systemd's stop timeout and AgentProcess.stop's wait of 60 s.
+    setup.update("s3", read_timeout=300)
+    agent.start()
+    wait_for(lambda: agent.logged("store_ready"), what="the store check")
+    proxy.inject(hold(match=photo_put))
+    (path,) = add_photos(piwigo, 1)
+    wait_for(lambda: proxy.held == 1, what="the photo's upload to be held")
+
+    assert agent.stop() == 0  # before the held request could time out
+    assert proxy.held == 1
+    assert agent.logged("stop_deadline_passed")
+    assert agent.logged("journal_snapshot_written")
+    assert agent.logged("stopped")
+    assert setup.upload_status(path) == "pending"
+
+    proxy.heal()
+    agent.start()
+    wait_for(lambda: setup.upload_status(path) in ("uploaded", "already_present"), what="the photo after the restart")
