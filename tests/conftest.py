@@ -170,12 +170,18 @@ class AgentProcess:
         self.environment: dict[str, str] = {}  # extra environment variables for the agent
 
     def start(self, wait_for_log: bool = True) -> "AgentProcess":
+        earlier = len(self.log())  # a restart appends to the log of the earlier runs
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen([sys.executable, "-m", "s3watch", "--config", str(self.config), "run"], stdout=log,
                                             stderr=subprocess.STDOUT, env={**os.environ, **self.environment})
         if not wait_for_log:
             return self
-        wait_for(lambda: "watching" in self.log() or "started" in self.log() or self.process.poll() is not None, 30, "the agent to start")
+
+        def started() -> bool:
+            output = self.log()[earlier:]
+            return "watching" in output or "started" in output or self.process.poll() is not None
+
+        wait_for(started, 30, "the agent to start")
         assert self.process.poll() is None, f"agent exited at start:\n{self.log()}"
         return self
 

@@ -259,7 +259,6 @@ def test_restart_catches_up_on_photos_added_while_down(setup: Setup, agent: Agen
 
     missed = [piwigo.add_photo(sample_photo(n))[1] for n in range(2, 5)]
     agent.start()
-    wait_for(lambda: agent.log().count("journal_read") == 2, what="the second start to read its journal")
     first, second = re.findall(r"journal_read records=(\d+) from_snapshot=(\d+)", agent.log())
     assert first[1] == "0"
     assert second[1] == second[0] != "0"  # the second start read every record from the snapshot
