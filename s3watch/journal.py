@@ -570,7 +570,7 @@ def _read_snapshot(snapshot: BinaryIO, journal_fd: int) -> tuple[JournalState, i
     if magic != _SNAPSHOT_MAGIC:
         if _SNAPSHOT_MAGIC.startswith(magic):
             raise _SnapshotMismatch("cut short")
-        if magic.startswith(_SNAPSHOT_MAGIC[:_SNAPSHOT_MAGIC.index(b" python ")]):
+        if magic.startswith(b"s3watch journal snapshot "):
             raise _SnapshotMismatch("written by another version of s3watch or of Python")
         raise _SnapshotMismatch("damaged")
     about = _read_frame(snapshot)

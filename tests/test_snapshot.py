@@ -157,6 +157,12 @@ def not_a_snapshot(path: Path) -> None:
     snapshot_path(path).write_bytes(b"notes kept here by hand\n")
 
 
+def other_format(path: Path) -> None:
+    snapshot = snapshot_path(path)
+    data = snapshot.read_bytes()
+    snapshot.write_bytes(data.replace(b"snapshot 1 ", b"snapshot 2 ", 1))
+
+
 def other_python(path: Path) -> None:
     snapshot = snapshot_path(path)
     data = snapshot.read_bytes()
@@ -173,6 +179,7 @@ def other_python(path: Path) -> None:
     (cut_snapshot, "cut short"),
     (empty_snapshot, "cut short"),
     (not_a_snapshot, "damaged"),
+    (other_format, "written by another version of s3watch or of Python"),
     (other_python, "written by another version of s3watch or of Python"),
 ])
 def test_snapshot_that_no_longer_matches_is_not_used(tmp_path: Path, change: Callable[[Path], None], reason: str) -> None:
