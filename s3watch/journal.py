@@ -456,8 +456,8 @@ def read_journal(path: Path, use_snapshot: bool = True) -> tuple[JournalState, i
     """Replay the journal at `path`.
 
     When a snapshot of the state lies beside the journal and still matches it, the state is
-    read from the snapshot and only the records appended after it are replayed; otherwise
-    `snapshot_note` of the state says why not. Returns the state and the byte length of the
+    read from the snapshot, and only the records appended after it are replayed. Otherwise
+    the state's `snapshot_note` gives the reason. Returns the state and the byte length of the
     valid part, so that a torn last line (an append cut short by a power loss) can be cut off
     before the next append. A missing file is an empty journal. Raises JournalError naming
     the line for a corrupt line that is not the last one, and for an unreadable file.
@@ -535,14 +535,14 @@ def _replay(path: Path, handle: BinaryIO, state: JournalState) -> int:
 
 
 class _SnapshotMismatch(Exception):
-    """The snapshot cannot stand in for the journal's records; the message says why."""
+    """The snapshot cannot replace the journal's records. The message gives the reason."""
 
 
 def _restore_snapshot(journal_path: Path, handle: BinaryIO) -> JournalState:
     """Return the state saved in the snapshot of the journal open as `handle`, and move `handle` past the records it holds.
 
     Returns a fresh state, with `handle` left at the start, when there is no snapshot or it
-    does not match the journal; the state's snapshot_note then says why.
+    does not match the journal. The state's snapshot_note then gives the reason.
     """
     path = snapshot_path(journal_path)
     try:
@@ -577,8 +577,8 @@ def _read_snapshot(snapshot: BinaryIO, journal_fd: int) -> tuple[JournalState, i
     if type(about) is not dict:
         raise _SnapshotMismatch("damaged")
 
-    # The snapshot stands in for the first `offset` bytes of the journal only while they are
-    # the bytes it was taken of: same first and last bytes, same CRC-32 of the whole part.
+    # The snapshot replaces the first `offset` bytes of the journal only while they are the
+    # bytes it was taken of: same first and last bytes, same CRC-32 of the whole part.
     offset = about["offset"]
     if os.fstat(journal_fd).st_size < offset:
         raise _SnapshotMismatch("the journal is shorter than the part the snapshot covers")
@@ -623,7 +623,7 @@ def _read_frame(snapshot: BinaryIO) -> Any:
 def _snapshot_frames(state: JournalState, journal_fd: int, offset: int) -> Iterator[bytes]:
     """Yield the bytes of a snapshot of `state`, which is the replay of the first `offset` bytes of the journal open as `journal_fd`.
 
-    Raises ValueError for a value marshal cannot hold.
+    Raises ValueError for a value marshal cannot hold, and OSError when the journal cannot be read.
     """
     check = min(offset, _SNAPSHOT_CHECK)
     uploads = state.uploads
@@ -642,7 +642,7 @@ def _snapshot_frames(state: JournalState, journal_fd: int, offset: int) -> Itera
 
 
 def _checksum(fd: int, length: int) -> int:
-    """Return the CRC-32 of the first `length` bytes of the file open as `fd` (about 0.2 s for 500 MB).
+    """Return the CRC-32 of the first `length` bytes of the file open as `fd` (0.17 to 0.29 s for 514 MB, measured on one machine).
 
     Raises _SnapshotMismatch when the file is shorter, and OSError.
     """
@@ -693,7 +693,7 @@ class Journal:
 
         path.parent.mkdir(parents=True, exist_ok=True)
         if valid_length == 0:
-            # A snapshot left from a journal that was moved aside must not stand in for the new one.
+            # A snapshot left from a journal that was moved aside must not replace the new one.
             _remove_snapshot(path)
         # Read access too: a snapshot compares the bytes it covers.
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -800,7 +800,7 @@ class Journal:
         """Commit, then save the state beside the journal, so that the next start need not replay every record.
 
         Returns the snapshot's size in bytes. Raises JournalError when the journal cannot be
-        committed or the snapshot cannot be written; the journal is unharmed either way, and
+        committed or the snapshot cannot be written. The journal is unharmed either way, and
         the next start replays it whole.
         """
         self.commit()

@@ -532,7 +532,7 @@ def test_object_written_during_upload_not_overwritten(
 
 
 @pytest.mark.slow
-def test_stop_leaves_a_hung_upload_at_the_deadline(proxy: FaultProxy, proxied_setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation) -> None:
+def test_stop_abandons_hung_upload(proxy: FaultProxy, proxied_setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation) -> None:
     setup = proxied_setup
     # Longer than the stop deadline, systemd's stop timeout and AgentProcess.stop's wait of 60 s.
     setup.update("s3", read_timeout=300)

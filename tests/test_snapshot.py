@@ -69,7 +69,7 @@ def snapshotted_journal(tmp_path: Path, photos: int) -> Path:
     return path
 
 
-def test_snapshot_stands_in_for_the_records_it_covers(tmp_path: Path) -> None:
+def test_snapshot_replaces_covered_records(tmp_path: Path) -> None:
     path = tmp_path / "journal.jsonl"
     journal = Journal(path)
     fill(journal, 1, 200)
@@ -182,7 +182,7 @@ def other_python(path: Path) -> None:
     (other_format, "written by another version of s3watch or of Python"),
     (other_python, "written by another version of s3watch or of Python"),
 ])
-def test_snapshot_that_no_longer_matches_is_not_used(tmp_path: Path, change: Callable[[Path], None], reason: str) -> None:
+def test_mismatched_snapshot_not_used(tmp_path: Path, change: Callable[[Path], None], reason: str) -> None:
     path = snapshotted_journal(tmp_path, 300)
 
     change(path)
@@ -194,7 +194,7 @@ def test_snapshot_that_no_longer_matches_is_not_used(tmp_path: Path, change: Cal
     assert (observable(state), length) == (observable(whole), whole_length)
 
 
-def test_journal_moved_with_the_same_bytes_keeps_its_snapshot(tmp_path: Path) -> None:
+def test_moved_journal_keeps_snapshot(tmp_path: Path) -> None:
     path = snapshotted_journal(tmp_path, 50)
     copy = tmp_path / "copy"
     shutil.copy(path, copy)
@@ -204,7 +204,7 @@ def test_journal_moved_with_the_same_bytes_keeps_its_snapshot(tmp_path: Path) ->
     assert (state.snapshot_records, state.snapshot_note) == (state.records, None)
 
 
-def test_directory_at_snapshot_path_gets_a_clear_error(tmp_path: Path) -> None:
+def test_snapshot_path_directory_error(tmp_path: Path) -> None:
     path = snapshotted_journal(tmp_path, 20)
     snapshot = snapshot_path(path)
     snapshot.unlink()
@@ -227,7 +227,7 @@ def test_directory_at_snapshot_path_gets_a_clear_error(tmp_path: Path) -> None:
         Journal(path)  # a new journal
 
 
-def test_compaction_repair_and_a_new_journal_remove_the_snapshot(tmp_path: Path) -> None:
+def test_rewritten_journal_removes_snapshot(tmp_path: Path) -> None:
     path = tmp_path / "journal.jsonl"
     journal = Journal(path)
     fill(journal, 1, 100)
@@ -248,7 +248,7 @@ def test_compaction_repair_and_a_new_journal_remove_the_snapshot(tmp_path: Path)
     assert not snapshot_path(path).exists()
 
 
-def test_corrupt_line_after_snapshot_is_named_by_its_number_in_the_file(tmp_path: Path) -> None:
+def test_corrupt_line_after_snapshot_numbered(tmp_path: Path) -> None:
     path = tmp_path / "journal.jsonl"
     journal = Journal(path)
     fill(journal, 1, 20)
@@ -263,7 +263,7 @@ def test_corrupt_line_after_snapshot_is_named_by_its_number_in_the_file(tmp_path
         read_journal(path)
 
 
-def test_torn_line_after_snapshot_is_cut_before_the_next_append(tmp_path: Path) -> None:
+def test_torn_line_after_snapshot_cut(tmp_path: Path) -> None:
     path = snapshotted_journal(tmp_path, 20)
     size = path.stat().st_size
     with open(path, "ab") as handle:
@@ -275,11 +275,12 @@ def test_torn_line_after_snapshot_is_cut_before_the_next_append(tmp_path: Path) 
     journal.append("queued", "upload/b.jpg", image_id=2)
     journal.close()
     state = read_journal(path)[0]
-    assert state.snapshot_records > 0 and "upload/b.jpg" in state.uploads
+    assert state.snapshot_records > 0
+    assert "upload/b.jpg" in state.uploads
     assert observable(state) == observable(read_journal(path, use_snapshot=False)[0])
 
 
-def test_snapshot_that_cannot_be_written_leaves_nothing_behind(tmp_path: Path) -> None:
+def test_failed_snapshot_write_leaves_nothing(tmp_path: Path) -> None:
     path = tmp_path / "journal.jsonl"
     journal = Journal(path)
     fill(journal, 1, 20)
@@ -298,7 +299,7 @@ def test_snapshot_that_cannot_be_written_leaves_nothing_behind(tmp_path: Path) -
     assert observable(state) == observable(read_journal(path, use_snapshot=False)[0])
 
 
-def test_snapshot_with_a_damaged_frame_length_is_not_used(tmp_path: Path) -> None:
+def test_damaged_frame_length_not_used(tmp_path: Path) -> None:
     path = snapshotted_journal(tmp_path, 20)
     snapshot = snapshot_path(path)
     data = snapshot.read_bytes()
