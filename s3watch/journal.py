@@ -45,7 +45,8 @@ HEADER_EVENT = "journal"
 READ_BUFFER = 1024 * 1024  # bytes read from the journal at a time when it is replayed
 WRITE_BUFFER = 1024 * 1024  # bytes written at a time when the journal is compacted or repaired
 
-# A snapshot is the replayed state, saved beside the journal at a clean stop. It starts with a
+# A snapshot is the replayed state, saved beside the journal at a clean stop and, while the agent
+# runs, once enough records have been appended since the last one. It starts with a
 # header line naming the versions it needs. Frames follow (length, CRC-32, marshal data): first a
 # description of the journal it was taken of, then the finished and the unfinished uploads in
 # chunks. marshal, unlike pickle, builds only plain values and runs no code, but its format may
@@ -57,6 +58,12 @@ _FRAME = struct.Struct("<QI")
 # frames of 4096 started in 0.45 s at 272 MB peak, and frames of 65,536 in 0.53 s at 286 MB.
 _SNAPSHOT_CHUNK = 4096
 _SNAPSHOT_CHECK = 4096  # bytes compared at the start and at the end of the part of the journal the snapshot covers
+# Records appended since the last snapshot before a running agent writes another: at least this
+# many, and at least half as many as there are uploads. Writing costs in proportion to the uploads
+# (0.3 to 0.8 s for a million, measured), replaying in proportion to the records (about 2 µs each).
+# So a start after a crash replays at most about 1 s per million uploads on top of the snapshot,
+# and the snapshots cost the running agent under 2 µs per record appended.
+SNAPSHOT_MIN_RECORDS = 50_000
 
 
 class JournalError(Exception):
@@ -690,6 +697,7 @@ class Journal:
         self._buffered_at = 0.0  # time.monotonic() of the oldest buffered record
         self._buffer_gates_action = False  # whether a buffered record must be durable before the agent acts
         self._appended_since_compaction = 0
+        self._snapshot_tried_at = self.state.snapshot_records  # records in the journal at the last snapshot written or tried
 
         path.parent.mkdir(parents=True, exist_ok=True)
         if valid_length == 0:
@@ -795,15 +803,26 @@ class Journal:
         self._durable_size = os.lseek(self._fd, 0, os.SEEK_END)
         state.records = records
         self._appended_since_compaction = 0
+        self._snapshot_tried_at = 0
+
+    def snapshot_due(self) -> bool:
+        """Return whether enough records have been appended since the last snapshot that a new one pays.
+
+        A failed snapshot counts as written here, so that a full disk costs one attempt per
+        SNAPSHOT_MIN_RECORDS records, not one per check.
+        """
+        appended = self.state.records - self._snapshot_tried_at
+        return appended >= SNAPSHOT_MIN_RECORDS and appended >= len(self.state.uploads) // 2
 
     def write_snapshot(self) -> int:
         """Commit, then save the state beside the journal, so that the next start need not replay every record.
 
         Returns the snapshot's size in bytes. Raises JournalError when the journal cannot be
         committed or the snapshot cannot be written. The journal is unharmed either way, and
-        the next start replays it whole.
+        the next start replays the records the last snapshot does not cover, or the whole journal.
         """
         self.commit()
+        self._snapshot_tried_at = self.state.records
         target = snapshot_path(self.path)
         temporary = target.with_name(target.name + ".tmp")
         try:
@@ -814,7 +833,7 @@ class Journal:
         except (OSError, ValueError) as error:
             temporary.unlink(missing_ok=True)
             reason = error.strerror if isinstance(error, OSError) else str(error)
-            raise JournalError(f"snapshot {target} could not be written ({reason}): the next start replays the whole journal") from None
+            raise JournalError(f"snapshot {target} could not be written ({reason}): the journal is unharmed, and the next start replays the records it would have covered") from None
         return size
 
     def close(self) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from s3watch.demo import PiwigoImitation, sample_photo
+from s3watch.journal import SNAPSHOT_MIN_RECORDS, Journal
 from s3watch.seaweed import SeaweedFS
 
 from .conftest import AgentProcess, Setup, wait_for
@@ -265,6 +266,27 @@ def test_restart_catches_up_on_photos_added_while_down(setup: Setup, agent: Agen
     for path in missed:
         wait_for(lambda: uploaded(setup, path), what=f"{path} found by the table poll")
     assert {setup.journal().uploads[path].source for path in missed} == {"poll"}
+
+
+def test_killed_agent_starts_from_snapshot_written_while_running(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation) -> None:
+    # A journal of earlier uploads, long enough for the running agent to save a snapshot of it.
+    journal = Journal(setup.state_dir / "journal.jsonl")
+    for number in range(SNAPSHOT_MIN_RECORDS // 2):
+        photo = f"upload/2025/01/01/{number:06d}.jpg"
+        journal.append("queued", photo, image_id=100_000 + number)
+        journal.append("already_present", photo, key=photo, attempts=1)
+    journal.close()
+
+    agent.start()
+    wait_for(lambda: agent.logged("journal_snapshot_written"), what="the snapshot written while running")
+    _, path = piwigo.add_photo(sample_photo(1))
+    wait_for(lambda: uploaded(setup, path), what="a photo added after the snapshot")
+    agent.kill()
+
+    agent.start()
+    (first, _), (records, from_snapshot) = re.findall(r"journal_read records=(\d+) from_snapshot=(\d+)", agent.log())
+    assert int(first) <= int(from_snapshot) < int(records)  # the records of the new photo were replayed after it
+    assert setup.upload_status(path) == "uploaded"
 
 
 def test_names_with_spaces_and_accents_keep_their_key(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation, seaweed: SeaweedFS, bucket: str) -> None:

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import pytest
 
+import s3watch.journal
 from s3watch.journal import Journal, JournalError, JournalState, read_journal, repair_journal, snapshot_path
 
 MD5 = "6513270e269e0d37f2a74de452e6b438"
@@ -289,7 +290,7 @@ def test_failed_snapshot_write_leaves_nothing(tmp_path: Path) -> None:
     # orjson writes a datetime as text, but the in-memory record keeps the object, which marshal cannot hold.
     journal.append("queued", "upload/a.jpg", image_id=1, seen=datetime(2026, 12, 5, tzinfo=timezone.utc))
 
-    with pytest.raises(JournalError, match=r"snapshot .* could not be written \(unmarshallable object\): the next start replays the whole journal"):
+    with pytest.raises(JournalError, match=r"snapshot .* could not be written \(unmarshallable object\): the journal is unharmed"):
         journal.write_snapshot()
     journal.close()
     assert snapshot_path(path).read_bytes() == before  # the earlier one, which still matches a prefix of the journal
@@ -309,3 +310,50 @@ def test_damaged_frame_length_not_used(tmp_path: Path) -> None:
     state, _ = read_journal(path)
     assert state.snapshot_note == f"snapshot {snapshot} not used (cut short); the whole journal was replayed"
     assert observable(state) == observable(read_journal(path, use_snapshot=False)[0])
+
+
+def test_snapshot_due_after_enough_records(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(s3watch.journal, "SNAPSHOT_MIN_RECORDS", 100)
+    path = tmp_path / "journal.jsonl"
+    journal = Journal(path)
+    fill(journal, 1, 30)
+    assert journal.state.records < 100 and not journal.snapshot_due()
+    fill(journal, 31, 30)
+    assert journal.snapshot_due()
+    journal.write_snapshot()
+    assert not journal.snapshot_due()
+
+    # Past the minimum, the records appended must also reach half the number of uploads.
+    fill(journal, 61, 340)
+    journal.write_snapshot()
+    assert len(journal.state.uploads) == 400
+    for attempt in range(1, 201):
+        assert not journal.snapshot_due()
+        journal.append("failed", "upload/2026/12/05/000006.jpg", code="failed_code_0", error="unreachable", attempts=attempt)
+    assert journal.snapshot_due()
+
+    # A failed attempt waits for as many records again, and the earlier snapshot stays.
+    journal.append("queued", "upload/a.jpg", image_id=1, seen=datetime(2026, 12, 5, tzinfo=timezone.utc))
+    with pytest.raises(JournalError):
+        journal.write_snapshot()
+    assert not journal.snapshot_due()
+
+    # Compaction deletes the snapshot: every record of the compacted journal is uncovered.
+    journal.state.uploads._unfinished.pop("upload/a.jpg")  # the record marshal cannot hold
+    journal.compact()
+    assert not snapshot_path(path).exists()
+    assert journal.snapshot_due()
+    journal.close()
+
+
+def test_snapshot_due_counts_from_the_snapshot_read_at_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(s3watch.journal, "SNAPSHOT_MIN_RECORDS", 100)
+    path = snapshotted_journal(tmp_path, 60)
+    journal = Journal(path)
+    assert journal.state.snapshot_records > 100 and not journal.snapshot_due()
+    journal.close()
+
+    snapshot_path(path).unlink()
+    journal = Journal(path)
+    assert journal.snapshot_due()  # the whole journal was replayed
+    journal.close()
