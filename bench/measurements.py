@@ -10,6 +10,7 @@ import base64
 import contextlib
 import hashlib
 import io
+import itertools
 import json
 import mimetypes
 import os
@@ -481,13 +482,14 @@ class Replay:
     snapshot_bytes: int | None = None
 
 
-def replay(path: Path, expected_uploads: int, from_snapshot: bool = False) -> Replay:
+def replay(path: Path, expected_uploads: int, from_snapshot: bool = False, behind: int = 0) -> Replay:
     """Read a journal as the agent does at start, in a child process, and return its time and peak memory.
 
     Without `from_snapshot`, every record is replayed, and the child then writes the snapshot
-    a clean stop writes; with it, the child starts from that snapshot. Raises BenchError when
-    the child fails or finds another number of uploaded photos, which would mean the journal
-    was not written in the agent's format.
+    a clean stop writes; with it, the child starts from the snapshot, which must leave exactly
+    `behind` records to replay. Raises BenchError when the child fails, when the snapshot
+    covers another part of the journal, or when the child finds another number of uploaded
+    photos, which would mean the journal was not written in the agent's format.
     """
     command = [sys.executable, str(REPLAY_CHILD), str(path), *(["--from-snapshot"] if from_snapshot else [])]
     result = subprocess.run(command, capture_output=True, text=True)
@@ -496,8 +498,31 @@ def replay(path: Path, expected_uploads: int, from_snapshot: bool = False) -> Re
     figures = json.loads(result.stdout)
     if figures["uploaded"] != expected_uploads:
         raise BenchError(f"the replay found {figures['uploaded']} uploaded photos, expected {expected_uploads}")
+    if from_snapshot and figures["records"] - figures["snapshot_records"] != behind:
+        raise BenchError(f"the snapshot left {figures['records'] - figures['snapshot_records']:,} records to replay, expected {behind:,}")
     return Replay(seconds=figures["seconds"], peak_bytes=figures["peak_bytes"], snapshot_seconds=figures.get("snapshot_seconds"),
                   snapshot_bytes=figures.get("snapshot_bytes"))
+
+
+def write_journal_behind_snapshot(source: Path, target: Path, behind: int) -> None:
+    """Copy the journal at `source` to `target`, with a snapshot of all but its last `behind` records.
+
+    That is the most a running agent leaves to replay after a crash: it writes a snapshot once
+    that many records have been appended since the last one. Raises BenchError.
+    """
+    with open(source, "rb") as lines:
+        total = sum(1 for _ in lines)
+    if not 0 < behind < total:
+        raise BenchError(f"the journal has {total:,} records, too few to leave {behind:,} behind its snapshot")
+    with open(source, "rb") as lines, open(target, "wb") as out:
+        out.writelines(itertools.islice(lines, total - behind))
+
+    # The child replays what is there and writes its snapshot, as the agent does at that point.
+    result = subprocess.run([sys.executable, str(REPLAY_CHILD), str(target)], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise BenchError(f"the snapshot of the journal's first records could not be written: {result.stderr.strip()[-500:]}")
+    with open(source, "rb") as lines, open(target, "ab") as out:
+        out.writelines(itertools.islice(lines, total - behind, None))
 
 
 # 4. Idle cost -------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from typing import Callable
 import boto3
 
 import s3watch
+from s3watch.journal import SNAPSHOT_MIN_RECORDS
 from s3watch.seaweed import weed_binary
 
 import measurements
@@ -184,10 +185,11 @@ def print_report(results: Results, sizes: Sizes, data: dict[str, DataSet], worke
           for group in COMMIT_GROUPS),
         Row(f"replay {sizes.replay_uploads:,} uploads ({replay_records:,} records)", "journal.replay.seconds", "s", below(5.0)),
         Row("replay: peak resident memory", "journal.replay.peak", "MB", below(300.0)),
-        Row("snapshot of those uploads: written at a clean stop", "journal.snapshot.write", "s"),
+        Row("snapshot of those uploads: written at a stop or while running", "journal.snapshot.write", "s"),
         Row("snapshot: size", "journal.snapshot.size", "MB"),
         Row("start from the snapshot", "journal.snapshot.start", "s"),
         Row("start from the snapshot: peak resident memory", "journal.snapshot.peak", "MB"),
+        Row(f"start after a crash: snapshot {behind_snapshot(sizes):,} records behind", "journal.snapshot.behind", "s"),
     ]))
 
     sections.append((f"4. Idle: {sizes.day_folders:,} day folders, {sizes.idle_seconds:g} s", "idle", [
@@ -256,6 +258,7 @@ class Prepared:
     latency_pool: list[Photo]
     idle_root: Path
     replay_journal: Path
+    behind_journal: Path  # the replay journal with a snapshot as far behind its end as a running agent leaves it
 
 
 def prepare(env: Environment, sizes: Sizes, sections: set[str], seed: int) -> Prepared:
@@ -263,7 +266,7 @@ def prepare(env: Environment, sizes: Sizes, sections: set[str], seed: int) -> Pr
     gallery = env.work / "gallery"
     (gallery / "upload").mkdir(parents=True)
     prepared = Prepared(data={}, latency_root=gallery, latency_pool=[], idle_root=env.work / "idle-gallery",
-                        replay_journal=env.work / "journal" / "replay.jsonl")
+                        replay_journal=env.work / "journal" / "replay.jsonl", behind_journal=env.work / "journal" / "behind" / "replay.jsonl")
     started = time.monotonic()
 
     # Each data set has its own generator, so that choosing sections does not change the bytes.
@@ -281,6 +284,8 @@ def prepare(env: Environment, sizes: Sizes, sections: set[str], seed: int) -> Pr
     if "journal" in sections:
         prepared.replay_journal.parent.mkdir(parents=True)
         measurements.write_replay_journal(prepared.replay_journal, sizes.replay_uploads, seed)
+        prepared.behind_journal.parent.mkdir()
+        measurements.write_journal_behind_snapshot(prepared.replay_journal, prepared.behind_journal, behind_snapshot(sizes))
 
     generated = sum(dataset.total_bytes for dataset in prepared.data.values()) + sum(photo.size for photo in prepared.latency_pool)
     items = [f"{generated / 1e6:,.0f} MB of files"] if generated else []
@@ -290,6 +295,15 @@ def prepare(env: Environment, sizes: Sizes, sections: set[str], seed: int) -> Pr
         items.append(f"a journal of {sizes.replay_uploads:,} uploads")
     print(f"prepared {', '.join(items)} in {time.monotonic() - started:.1f} s")
     return prepared
+
+
+def behind_snapshot(sizes: Sizes) -> int:
+    """Return the most records a running agent leaves after its last snapshot for the replay journal's size.
+
+    It writes a snapshot once the records appended since the last one reach SNAPSHOT_MIN_RECORDS
+    and half the number of uploads.
+    """
+    return max(SNAPSHOT_MIN_RECORDS, sizes.replay_uploads // 2)
 
 
 def progress(run: int, runs: int, text: str) -> None:
@@ -399,9 +413,10 @@ def run_journal(env: Environment, prepared: Prepared, results: Results, sizes: S
         measurements.settle(env)
         replay = measurements.replay(prepared.replay_journal, sizes.replay_uploads)
         start = measurements.replay(prepared.replay_journal, sizes.replay_uploads, from_snapshot=True)
+        behind = measurements.replay(prepared.behind_journal, sizes.replay_uploads, from_snapshot=True, behind=behind_snapshot(sizes))
     except BenchError as error:
         progress(run, runs, f"journal replay: FAILED: {error}")
-        for key in ("replay.seconds", "replay.peak", "snapshot.write", "snapshot.size", "snapshot.start", "snapshot.peak"):
+        for key in ("replay.seconds", "replay.peak", "snapshot.write", "snapshot.size", "snapshot.start", "snapshot.peak", "snapshot.behind"):
             results.notes[f"journal.{key}"] = "failed (see above)"
         return
     assert replay.snapshot_seconds is not None and replay.snapshot_bytes is not None
@@ -411,9 +426,10 @@ def run_journal(env: Environment, prepared: Prepared, results: Results, sizes: S
     results.add("journal.snapshot.size", replay.snapshot_bytes / 1e6)
     results.add("journal.snapshot.start", start.seconds)
     results.add("journal.snapshot.peak", start.peak_bytes / 1e6)
+    results.add("journal.snapshot.behind", behind.seconds)
     progress(run, runs, f"journal replay of {sizes.replay_uploads:,} uploads: {replay.seconds:.2f} s, peak {replay.peak_bytes / 1e6:,.0f} MB; "
              f"snapshot written in {replay.snapshot_seconds:.2f} s ({replay.snapshot_bytes / 1e6:,.0f} MB); "
-             f"start from it {start.seconds:.2f} s, peak {start.peak_bytes / 1e6:,.0f} MB")
+             f"start from it {start.seconds:.2f} s, peak {start.peak_bytes / 1e6:,.0f} MB; after a crash {behind.seconds:.2f} s")
 
 
 def run_idle(env: Environment, prepared: Prepared, results: Results, sizes: Sizes, workers: int, run: int, runs: int) -> None:
