@@ -185,7 +185,7 @@ def print_report(results: Results, sizes: Sizes, data: dict[str, DataSet], worke
           for group in COMMIT_GROUPS),
         Row(f"replay {sizes.replay_uploads:,} uploads ({replay_records:,} records)", "journal.replay.seconds", "s", below(5.0)),
         Row("replay: peak resident memory", "journal.replay.peak", "MB", below(300.0)),
-        Row("snapshot of those uploads: written at a stop or while running", "journal.snapshot.write", "s"),
+        Row("snapshot of those uploads: written", "journal.snapshot.write", "s"),
         Row("snapshot: size", "journal.snapshot.size", "MB"),
         Row("start from the snapshot", "journal.snapshot.start", "s"),
         Row("start from the snapshot: peak resident memory", "journal.snapshot.peak", "MB"),

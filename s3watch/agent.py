@@ -1115,7 +1115,7 @@ class Agent:
         assert self.journal is not None
         self.next_journal_check = now + JOURNAL_CHECK_INTERVAL
         if self.journal_failing:
-            return  # both would fail on the same disk; the commit's retries report it
+            return  # both would fail on the same disk, and the commit's retries already report it
         if self.journal.needs_compaction():
             before = self.journal.state.records
             try:

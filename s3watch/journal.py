@@ -58,11 +58,11 @@ _FRAME = struct.Struct("<QI")
 # frames of 4096 started in 0.45 s at 272 MB peak, and frames of 65,536 in 0.53 s at 286 MB.
 _SNAPSHOT_CHUNK = 4096
 _SNAPSHOT_CHECK = 4096  # bytes compared at the start and at the end of the part of the journal the snapshot covers
-# Records appended since the last snapshot before a running agent writes another: at least this
-# many, and at least half as many as there are uploads. Writing costs in proportion to the uploads
-# (0.3 to 0.8 s for a million, measured), replaying in proportion to the records (about 2 µs each).
-# So a start after a crash replays at most about 1 s per million uploads on top of the snapshot,
-# and the snapshots cost the running agent under 2 µs per record appended.
+# A running agent writes another snapshot once the records appended since the last one reach
+# this number and half the number of uploads. Writing costs 0.3 to 0.8 s per million uploads on the
+# benchmark's machines, and replaying about 2 µs per record. So a start after a crash replays at
+# most about 1 s per million uploads after the snapshot, and writing snapshots costs the running
+# agent under 2 µs per record appended.
 SNAPSHOT_MIN_RECORDS = 50_000
 
 
@@ -806,7 +806,7 @@ class Journal:
         self._snapshot_tried_at = 0
 
     def snapshot_due(self) -> bool:
-        """Return whether enough records have been appended since the last snapshot that a new one pays.
+        """Return whether a running agent should write a new snapshot: enough records were appended since the last one.
 
         A failed snapshot counts as written here, so that a full disk costs one attempt per
         SNAPSHOT_MIN_RECORDS records, not one per check.

@@ -268,7 +268,7 @@ def test_restart_catches_up_on_photos_added_while_down(setup: Setup, agent: Agen
     assert {setup.journal().uploads[path].source for path in missed} == {"poll"}
 
 
-def test_killed_agent_starts_from_snapshot_written_while_running(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation) -> None:
+def test_killed_agent_starts_from_running_snapshot(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation) -> None:
     # A journal of earlier uploads, long enough for the running agent to save a snapshot of it.
     journal = Journal(setup.state_dir / "journal.jsonl")
     for number in range(SNAPSHOT_MIN_RECORDS // 2):
