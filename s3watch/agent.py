@@ -371,7 +371,8 @@ class Agent:
         self.next_journal_retry = 0.0
         if self._commit(time.time()):
             self._delete_captures()
-            self._write_snapshot()
+            if not self.journal.snapshot_current():
+                self._write_snapshot()
         else:
             log.error("journal_not_saved", hint="the last outcomes could not be recorded; their photos are checked again at the next start")
         log.info("stopped")
@@ -403,9 +404,10 @@ class Agent:
                 self._dispatch(now)
                 if self._process_spool(now) and self._commit(now):
                     self._dispatch(now)  # what the list just queued goes to idle workers now
+            # Health first: READY and the watchdog ping need not wait for a compaction or a snapshot.
+            self._report_health(now)
             if now >= self.next_journal_check:
                 self._maintain_journal(now)
-            self._report_health(now)
 
     def _seconds_to_next_deadline(self) -> float:
         now = time.time()

@@ -64,6 +64,7 @@ _SNAPSHOT_CHECK = 4096  # bytes compared at the start and at the end of the part
 # most about 1 s per million uploads after the snapshot, and writing snapshots costs the running
 # agent under 2 µs per record appended.
 SNAPSHOT_MIN_RECORDS = 50_000
+COMPACTION_MIN_RECORDS = 10_000  # a smaller journal is never compacted: it replays in about 20 ms
 
 
 class JournalError(Exception):
@@ -459,6 +460,14 @@ def snapshot_path(journal_path: Path) -> Path:
     return journal_path.with_suffix(".snapshot")
 
 
+def _temporary_path(journal_path: Path, purpose: str) -> Path:
+    """Return the file that a compaction, a snapshot or a repair of the journal writes before renaming it into place."""
+    if purpose == "snapshot":
+        target = snapshot_path(journal_path)
+        return target.with_name(target.name + ".tmp")
+    return journal_path.with_name(f"{journal_path.name}.{purpose}")
+
+
 def read_journal(path: Path, use_snapshot: bool = True) -> tuple[JournalState, int]:
     """Replay the journal at `path`.
 
@@ -697,9 +706,15 @@ class Journal:
         self._buffered_at = 0.0  # time.monotonic() of the oldest buffered record
         self._buffer_gates_action = False  # whether a buffered record must be durable before the agent acts
         self._appended_since_compaction = 0
+        self._compaction_failed_at: int | None = None  # records in the journal when a compaction last failed
         self._snapshot_tried_at = self.state.snapshot_records  # records in the journal at the last snapshot written or tried
+        self._snapshot_written_at: int | None = self.state.snapshot_records or None  # records the snapshot on disk covers
 
         path.parent.mkdir(parents=True, exist_ok=True)
+        # Only the holder of the state directory's lock writes these files, and that is the
+        # caller now: any found here were left by a crash in the middle of writing one.
+        for purpose in ("compact", "snapshot", "repair"):
+            _discard(_temporary_path(path, purpose))
         if valid_length == 0:
             # A snapshot left from a journal that was moved aside must not replace the new one.
             _remove_snapshot(path)
@@ -777,9 +792,15 @@ class Journal:
         return max(0.0, self._buffered_at + delay - time.monotonic())
 
     def needs_compaction(self) -> bool:
-        """Return whether the file has grown well past one record per upload."""
-        live = len(self.state.uploads) + 2
-        return self.state.records > 10_000 and self.state.records > 3 * live
+        """Return whether the file has grown well past one record per upload.
+
+        After a failed compaction it waits for COMPACTION_MIN_RECORDS more records, so that a
+        full disk costs one attempt per that many records, not one per check.
+        """
+        records = self.state.records
+        if self._compaction_failed_at is not None and records < self._compaction_failed_at + COMPACTION_MIN_RECORDS:
+            return False
+        return records > COMPACTION_MIN_RECORDS and records > 3 * (len(self.state.uploads) + 2)
 
     def compact(self) -> None:
         """Rewrite the journal with one record per upload and rename it into place.
@@ -787,22 +808,25 @@ class Journal:
         A crash at any point leaves either the old or the new file complete. Raises JournalError.
         """
         self.commit()
+        self._compaction_failed_at = self.state.records  # until it succeeds
         _remove_snapshot(self.path)
-        temporary = self.path.with_name(self.path.name + ".compact")
+        self._snapshot_written_at = None
+        temporary = _temporary_path(self.path, "compact")
         state = self.state
         try:
             records = _write_durably(temporary, _compacted_lines(state))
             os.replace(temporary, self.path)
             _fsync_directory(self.path.parent)
         except OSError as error:
-            temporary.unlink(missing_ok=True)
-            raise JournalError(f"journal {self.path} could not be compacted ({error.strerror}): free space in the state directory") from None
+            _discard(temporary)
+            raise JournalError(f"journal {self.path} could not be compacted ({_describe(error)}): free space in the state directory or fix its permissions") from None
 
         os.close(self._fd)
         self._fd = os.open(self.path, os.O_RDWR)
         self._durable_size = os.lseek(self._fd, 0, os.SEEK_END)
         state.records = records
         self._appended_since_compaction = 0
+        self._compaction_failed_at = None
         self._snapshot_tried_at = 0
 
     def snapshot_due(self) -> bool:
@@ -814,6 +838,10 @@ class Journal:
         appended = self.state.records - self._snapshot_tried_at
         return appended >= SNAPSHOT_MIN_RECORDS and appended >= len(self.state.uploads) // 2
 
+    def snapshot_current(self) -> bool:
+        """Return whether the snapshot beside the journal covers every record, so that writing it again would change nothing."""
+        return self._snapshot_written_at == self.state.records and not self._buffer and snapshot_path(self.path).exists()
+
     def write_snapshot(self) -> int:
         """Commit, then save the state beside the journal, so that the next start need not replay every record.
 
@@ -824,16 +852,21 @@ class Journal:
         self.commit()
         self._snapshot_tried_at = self.state.records
         target = snapshot_path(self.path)
-        temporary = target.with_name(target.name + ".tmp")
+        temporary = _temporary_path(self.path, "snapshot")
         try:
             _write_durably(temporary, _snapshot_frames(self.state, self._fd, self._durable_size))
             size = os.path.getsize(temporary)
             os.replace(temporary, target)
             _fsync_directory(target.parent)
         except (OSError, ValueError) as error:
-            temporary.unlink(missing_ok=True)
-            reason = error.strerror if isinstance(error, OSError) else str(error)
-            raise JournalError(f"snapshot {target} could not be written ({reason}): the journal is unharmed, and the next start replays the records it would have covered") from None
+            _discard(temporary)
+            if isinstance(error, OSError):
+                problem = f"{_describe(error)}): free space in the state directory or fix its permissions"
+            else:
+                problem = f"{error}): a value in the journal cannot be saved in a snapshot, please report this as a bug"
+            raise JournalError(f"snapshot {target} could not be written ({problem}. The journal is unharmed, "
+                               "and the next start replays the records the snapshot would have covered.") from None
+        self._snapshot_written_at = self.state.records
         return size
 
     def close(self) -> None:
@@ -872,6 +905,21 @@ def _remove_snapshot(journal_path: Path) -> None:
         path.unlink(missing_ok=True)
     except OSError as error:
         raise JournalError(f"snapshot {path} could not be deleted ({error.strerror}): remove it by hand, it is only a copy of the journal's state") from None
+
+
+def _discard(path: Path) -> None:
+    """Delete a temporary file if it is there. A failure is ignored: the file is only in the way of the next attempt, which reports its own error."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def _describe(error: OSError) -> str:
+    """Return the reason an operating system call failed, with the files it failed on when there are any."""
+    if error.filename2:
+        return f"{error.strerror}: {error.filename} -> {error.filename2}"  # a rename
+    return f"{error.strerror}: {error.filename}" if error.filename else str(error.strerror)
 
 
 def _write_durably(path: Path, lines: Iterable[bytes]) -> int:
@@ -929,13 +977,13 @@ def repair_journal(path: Path) -> tuple[int, int]:
 
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     backup = path.with_name(f"{path.name}.corrupt-{stamp}")
-    temporary = path.with_name(path.name + ".repair")
+    temporary = _temporary_path(path, "repair")
     try:
         kept = _write_durably(temporary, valid_lines())
         os.link(path, backup)
         os.replace(temporary, path)
         _fsync_directory(path.parent)
     except OSError as error:
-        temporary.unlink(missing_ok=True)
+        _discard(temporary)
         raise JournalError(f"journal {path} could not be repaired ({error.strerror}): check the state directory's permissions and free space") from None
     return kept, dropped

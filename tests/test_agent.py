@@ -268,8 +268,8 @@ def test_restart_catches_up_on_photos_added_while_down(setup: Setup, agent: Agen
     assert {setup.journal().uploads[path].source for path in missed} == {"poll"}
 
 
-def test_killed_agent_starts_from_running_snapshot(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation) -> None:
-    # A journal of earlier uploads, long enough for the running agent to save a snapshot of it.
+def write_earlier_uploads(setup: Setup) -> None:
+    """Write a journal of earlier uploads, long enough for the running agent to save a snapshot of it at its first check."""
     journal = Journal(setup.state_dir / "journal.jsonl")
     for number in range(SNAPSHOT_MIN_RECORDS // 2):
         photo = f"upload/2025/01/01/{number:06d}.jpg"
@@ -277,6 +277,9 @@ def test_killed_agent_starts_from_running_snapshot(setup: Setup, agent: AgentPro
         journal.append("already_present", photo, key=photo, attempts=1)
     journal.close()
 
+
+def test_killed_agent_starts_from_running_snapshot(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation) -> None:
+    write_earlier_uploads(setup)
     agent.start()
     wait_for(lambda: agent.logged("journal_snapshot_written"), what="the snapshot written while running")
     _, path = piwigo.add_photo(sample_photo(1))
@@ -287,6 +290,22 @@ def test_killed_agent_starts_from_running_snapshot(setup: Setup, agent: AgentPro
     (first, _), (records, from_snapshot) = re.findall(r"journal_read records=(\d+) from_snapshot=(\d+)", agent.log())
     assert int(first) <= int(from_snapshot) < int(records)  # the records of the new photo were replayed after it
     assert setup.upload_status(path) == "uploaded"
+
+
+def test_unwritable_snapshot_does_not_stop_agent(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation) -> None:
+    write_earlier_uploads(setup)
+    # A directory with a file in it where the snapshot's temporary file goes: it can be neither written nor deleted.
+    in_the_way = setup.state_dir / "journal.snapshot.tmp"
+    in_the_way.mkdir()
+    (in_the_way / "file").touch()
+
+    agent.start()
+    wait_for(lambda: agent.logged("journal_snapshot_failed"), what="the failed snapshot")
+    _, path = piwigo.add_photo(sample_photo(1))
+    wait_for(lambda: uploaded(setup, path), what="a photo added after the failure")
+    assert agent.stop() == 0
+    assert f"Is a directory: {in_the_way}" in agent.log()
+    assert agent.logged("stopped")
 
 
 def test_names_with_spaces_and_accents_keep_their_key(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation, seaweed: SeaweedFS, bucket: str) -> None:

@@ -217,7 +217,7 @@ def test_snapshot_path_directory_error(tmp_path: Path) -> None:
     journal = Journal(path)
     with pytest.raises(JournalError, match=re.escape(cannot_delete)):
         journal.compact()
-    with pytest.raises(JournalError, match=r"snapshot .* could not be written \(Is a directory\)"):
+    with pytest.raises(JournalError, match=rf"snapshot .* could not be written \(Is a directory: .*\.tmp -> {re.escape(str(snapshot))}\): free space"):
         journal.write_snapshot()
     journal.close()
     with pytest.raises(JournalError, match=re.escape(cannot_delete)):
@@ -290,7 +290,7 @@ def test_failed_snapshot_write_leaves_nothing(tmp_path: Path) -> None:
     # orjson writes a datetime as text, but the in-memory record keeps the object, which marshal cannot hold.
     journal.append("queued", "upload/a.jpg", image_id=1, seen=datetime(2026, 12, 5, tzinfo=timezone.utc))
 
-    with pytest.raises(JournalError, match=r"snapshot .* could not be written \(unmarshallable object\): the journal is unharmed"):
+    with pytest.raises(JournalError, match=r"snapshot .* could not be written \(unmarshallable object\): .* report this as a bug\. The journal is unharmed"):
         journal.write_snapshot()
     journal.close()
     assert snapshot_path(path).read_bytes() == before  # the earlier one, which still matches a prefix of the journal
@@ -357,4 +357,66 @@ def test_snapshot_due_from_start_snapshot(tmp_path: Path, monkeypatch: pytest.Mo
     snapshot_path(path).unlink()
     journal = Journal(path)
     assert journal.snapshot_due()  # the whole journal was replayed
+    journal.close()
+
+
+def test_temporary_file_in_the_way(tmp_path: Path) -> None:
+    path = snapshotted_journal(tmp_path, 20)
+    temporary = tmp_path / "journal.snapshot.tmp"
+    temporary.mkdir()
+    (temporary / "file").touch()  # so that it cannot be deleted either
+
+    journal = Journal(path)
+    with pytest.raises(JournalError, match=rf"could not be written \(Is a directory: {re.escape(str(temporary))}\)"):
+        journal.write_snapshot()
+    journal.close()
+    assert read_journal(path)[0].snapshot_note is None  # the earlier snapshot is still there, and still used
+
+
+def test_leftover_temporary_files_deleted(tmp_path: Path) -> None:
+    path = snapshotted_journal(tmp_path, 20)
+    leftovers = [tmp_path / name for name in ("journal.jsonl.compact", "journal.snapshot.tmp", "journal.jsonl.repair")]
+    for leftover in leftovers:
+        leftover.write_bytes(b"cut short by a crash")
+
+    Journal(path).close()
+    assert [leftover for leftover in leftovers if leftover.exists()] == []
+    assert snapshot_path(path).exists()
+
+
+def test_failed_compaction_waits_for_records(tmp_path: Path) -> None:
+    path = tmp_path / "journal.jsonl"
+    journal = Journal(path)
+    for attempt in range(1, 10_001):
+        journal.append("failed", "upload/a.jpg", code="failed_code_0", error="unreachable", attempts=attempt)
+    snapshot_path(path).mkdir()  # compaction deletes the snapshot first, and cannot
+    (snapshot_path(path) / "file").touch()
+    assert journal.needs_compaction()
+
+    with pytest.raises(JournalError, match="could not be deleted"):
+        journal.compact()
+    assert not journal.needs_compaction()
+    for attempt in range(10_001, 20_001):
+        journal.append("failed", "upload/a.jpg", code="failed_code_0", error="unreachable", attempts=attempt)
+    assert journal.needs_compaction()
+
+    shutil.rmtree(snapshot_path(path))
+    journal.compact()
+    assert journal.state.records == 2  # the header and the one upload
+    assert not journal.needs_compaction()
+    journal.close()
+
+
+def test_snapshot_current_until_a_record(tmp_path: Path) -> None:
+    path = snapshotted_journal(tmp_path, 20)
+    journal = Journal(path)
+    assert journal.snapshot_current()
+
+    journal.append("queued", "upload/a.jpg", image_id=1)
+    assert not journal.snapshot_current()
+    journal.write_snapshot()
+    assert journal.snapshot_current()
+
+    snapshot_path(path).unlink()
+    assert not journal.snapshot_current()
     journal.close()
