@@ -705,7 +705,6 @@ class Journal:
         self._buffer: list[bytes] = []
         self._buffered_at = 0.0  # time.monotonic() of the oldest buffered record
         self._buffer_gates_action = False  # whether a buffered record must be durable before the agent acts
-        self._appended_since_compaction = 0
         self._compaction_failed_at: int | None = None  # records in the journal when a compaction last failed
         self._snapshot_tried_at = self.state.snapshot_records  # records in the journal at the last snapshot written or tried
         self._snapshot_written_at: int | None = self.state.snapshot_records or None  # records the snapshot on disk covers
@@ -750,7 +749,6 @@ class Journal:
         if not _FINISHES.get(event, False):
             self._buffer_gates_action = True
         self._buffer.append(line)
-        self._appended_since_compaction += 1
 
     def commit(self) -> None:
         """Write the buffered records and fsync the file. Raises JournalError when the disk refuses."""
@@ -825,7 +823,6 @@ class Journal:
         self._fd = os.open(self.path, os.O_RDWR)
         self._durable_size = os.lseek(self._fd, 0, os.SEEK_END)
         state.records = records
-        self._appended_since_compaction = 0
         self._compaction_failed_at = None
         self._snapshot_tried_at = 0
 
@@ -861,10 +858,10 @@ class Journal:
         except (OSError, ValueError) as error:
             _discard(temporary)
             if isinstance(error, OSError):
-                problem = f"{_describe(error)}): free space in the state directory or fix its permissions"
+                reason, advice = _describe(error), "free space in the state directory or fix its permissions"
             else:
-                problem = f"{error}): a value in the journal cannot be saved in a snapshot, please report this as a bug"
-            raise JournalError(f"snapshot {target} could not be written ({problem}. The journal is unharmed, "
+                reason, advice = str(error), "a value in the journal cannot be saved in a snapshot, please report this as a bug"
+            raise JournalError(f"snapshot {target} could not be written ({reason}): {advice}. The journal is unharmed, "
                                "and the next start replays the records the snapshot would have covered.") from None
         self._snapshot_written_at = self.state.records
         return size
