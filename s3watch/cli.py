@@ -122,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         warning = exposed_secret_warning(config, holds_secret(config))
         if warning:
             print(f"s3watch: warning: {warning}", file=sys.stderr)
+        if arguments.command in ("status", "verify", "url") and not config.journal_path.exists():
+            # Without a journal these report nothing, which would look like an empty queue.
+            print(f"s3watch: warning: no journal at {config.journal_path}: the agent has not run with this state_dir yet, or state_dir is wrong",
+                  file=sys.stderr)
         if arguments.command == "run":
             return _run(config)
         if arguments.command == "check":
@@ -161,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(config: Config) -> int:
     from .agent import Agent, AgentError
     from .database import DatabaseError
-    from .journal import JournalError
+    from .journal import JournalCorrupt, JournalError
     from .logs import configure_logging, flush_logs
 
     configure_logging(config.log.format, config.log.level, buffered=True)
@@ -180,6 +184,11 @@ def _run(config: Config) -> int:
         flush_logs()  # the agent's lines come before the error that ended it
         _error(str(error))
         return EXIT_CONFIG
+    except JournalCorrupt as error:
+        # Like a configuration error, it needs the admin: the unit does not restart on status 2.
+        flush_logs()
+        _error(str(error))
+        return EXIT_CONFIG
     except (AgentError, JournalError) as error:
         flush_logs()
         _error(str(error))
@@ -195,9 +204,9 @@ def _check(config: Config) -> int:
     from .uploader import Uploader, UploadFailed
 
     problems = 0
+    settings = database_settings(config)  # a ConfigError here is a configuration error: exit 2
     print(f"configuration {config.source}: ok")
 
-    settings = database_settings(config)  # a ConfigError here is a configuration error: exit 2
     try:
         table = ImagesTable(settings)
         table.connect()

@@ -71,6 +71,10 @@ class JournalError(Exception):
     """The journal cannot be read or written; the message names the file and the fix."""
 
 
+class JournalCorrupt(JournalError):
+    """A line of the journal that is not the last one is corrupt: a restart cannot fix it, `s3watch journal repair` can."""
+
+
 @dataclass(slots=True)
 class Upload:
     """One file's way to the bucket, as the journal records it.
@@ -475,8 +479,8 @@ def read_journal(path: Path, use_snapshot: bool = True) -> tuple[JournalState, i
     read from the snapshot, and only the records appended after it are replayed. Otherwise
     the state's `snapshot_note` gives the reason. Returns the state and the byte length of the
     valid part, so that a torn last line (an append cut short by a power loss) can be cut off
-    before the next append. A missing file is an empty journal. Raises JournalError naming
-    the line for a corrupt line that is not the last one, and for an unreadable file.
+    before the next append. A missing file is an empty journal. Raises JournalCorrupt naming
+    the line for a corrupt line that is not the last one, and JournalError for an unreadable file.
     """
     try:
         # Python reads in blocks of the file system's block size, 4 KiB on ext4. Larger blocks
@@ -503,7 +507,7 @@ def read_journal(path: Path, use_snapshot: bool = True) -> tuple[JournalState, i
 def _replay(path: Path, handle: BinaryIO, state: JournalState) -> int:
     """Apply the records from `handle`'s position on to `state`, and return the byte length of the journal's valid part.
 
-    Raises JournalError naming the line for a corrupt line that is not the last one.
+    Raises JournalCorrupt naming the line for a corrupt line that is not the last one.
     """
     # This loop runs once per record, millions of times: names are bound locally.
     apply = state.apply
@@ -517,7 +521,7 @@ def _replay(path: Path, handle: BinaryIO, state: JournalState) -> int:
     for number, line in enumerate(handle, start=state.records + 1):
         if bad_line is not None:
             # The bad line was not the last one, so it is corruption, not a torn append.
-            raise JournalError(bad_line)
+            raise JournalCorrupt(bad_line)
         if not line.endswith(b"\n"):
             valid_length = handle.tell() - len(line)  # a torn last line: everything before it is valid
             break

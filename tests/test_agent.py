@@ -224,7 +224,7 @@ def test_corrupt_middle_line_stops_start_with_line_number(setup: Setup, agent: A
     from .conftest import run_cli
 
     result = run_cli("--config", str(setup.path), "run")
-    assert result.returncode == 1
+    assert result.returncode == 2  # the status the unit does not restart on: a restart cannot fix it
     assert "line 3 is corrupt" in result.stderr
     assert "s3watch journal repair" in result.stderr
 

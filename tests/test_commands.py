@@ -101,3 +101,12 @@ def test_status_piped_into_head_exits_quietly(setup: Setup) -> None:
     result = subprocess.run(f"{sys.executable} -m s3watch --config {setup.path} status --json | head -1", shell=True, capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "{"
     assert "Traceback" not in result.stderr
+
+
+def test_status_without_journal_warns(setup: Setup) -> None:
+    setup.values["state_dir"] = str(setup.path.parent / "mistyped-state")
+    setup.write()
+    for command in (["status"], ["verify"], ["url", "upload/2026/01/01/a.jpg"]):
+        result = run_cli("--config", str(setup.path), *command)
+        assert f"s3watch: warning: no journal at {setup.path.parent / 'mistyped-state' / 'journal.jsonl'}" in result.stderr, command
+        assert "or state_dir is wrong" in result.stderr
