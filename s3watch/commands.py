@@ -207,7 +207,10 @@ def url(config: Config, text: str) -> int:
         return EXIT_FAILED
     upload = state.uploads.get(path)
     if upload is None:
-        print(f"not uploaded: s3watch has no record of {path}; once it has an images row, queue it with: s3watch enqueue {path}")
+        if entry.image_id is not None:
+            print(f"not uploaded: s3watch has no record of {path}, the file of images row {entry.image_id}: queue it with: s3watch enqueue id:{entry.image_id}")
+        else:
+            print(f"not uploaded: s3watch has no record of {path}; once it has an images row, queue it with: s3watch enqueue {path}")
         return EXIT_FAILED
 
     uploader = Uploader(config.s3, config.uploads, config.links, config.piwigo.root)

@@ -300,8 +300,12 @@ def _explain_mysql_error(error: Exception, settings: DatabaseSettings) -> str:
     if code == 1045:
         return f"database login refused for {where}: check the user and password"
     if code == 1049:
-        return f"database {settings.database!r} not found on {where}: check the database name"
-    if code in (1044, 1142):
+        return f"database {settings.database!r} not found on {where}: check the database name (db_base in Piwigo's database.inc.php, or the one in piwigo.database.url)"
+    if code == 1044:
+        # MariaDB answers this, not "unknown database", to a user without rights on a mistyped name.
+        return (f"database user has no access to database {settings.database!r} on {where}: check the database name "
+                "(db_base in Piwigo's database.inc.php, or the one in piwigo.database.url), then grant SELECT on the Piwigo tables")
+    if code == 1142:
         return f"database user has no read access on {where}: grant SELECT on the Piwigo tables"
     if code in (2003, 2002, 2006, 2013, 2055) or code is None:
         return f"database server {where} could not be reached: is MariaDB running and is the address right?"

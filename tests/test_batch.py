@@ -196,6 +196,11 @@ def test_url_command_explains_each_state(setup: Setup, agent: AgentProcess, piwi
     assert "no record of upload/2020/01/01/none.jpg" in unknown.stdout
 
     agent.stop()
+    unrecorded_id, unrecorded = photo(piwigo, 3)  # a row the stopped agent has not seen
+    by_row = run_cli("--config", str(setup.path), "url", f"id:{unrecorded_id}")
+    assert by_row.returncode == 1
+    assert f"no record of {unrecorded}, the file of images row {unrecorded_id}: queue it with: s3watch enqueue id:{unrecorded_id}" in by_row.stdout
+
     setup.update("s3", secret_access_key="wrong-secret")
     agent.start()
     _, failing = photo(piwigo, 2)

@@ -375,6 +375,8 @@ def break_database_setting(fault: str, setup: Setup, mariadb: MariaDBServer, dat
         setup.update("piwigo", database={"url": mariadb.url(DB_USER, WRONG_PASSWORD, database), "table_prefix": "piwigo_"})
     elif fault == "missing table":
         mariadb.execute("DROP TABLE piwigo_images", database=database)
+    elif fault == "wrong database":
+        setup.update("piwigo", database={"url": mariadb.url(DB_USER, DB_PASSWORD, "no_such_gallery"), "table_prefix": "piwigo_"})
     elif fault == "wrong prefix":
         setup.update("piwigo", database={"url": mariadb.url(DB_USER, DB_PASSWORD, database), "table_prefix": "gallery_"})
     else:
@@ -385,6 +387,7 @@ BAD_SETTINGS = [
     ("wrong password", f"database login refused for mysql://{DB_USER}@127.0.0.1:"),
     ("missing table", "table piwigo_images not found"),
     ("wrong prefix", "table gallery_images not found"),
+    ("wrong database", "check the database name"),
 ]
 
 
