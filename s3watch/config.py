@@ -245,6 +245,8 @@ def _listen_address(key: str, value: Any) -> str | None:
 
 def _bucket(key: str, value: Any) -> str:
     text = _nonempty_string(key, value)
+    # Wider than AWS's rule (3 to 63 characters, no '_'), like botocore's own check, because
+    # S3-compatible stores such as Ceph with relaxed bucket names accept more. The store rejects the rest.
     if not re.fullmatch(r"[a-z0-9][a-z0-9.\-_]{1,253}[a-z0-9]", text):
         raise ConfigError(f"{key} {text!r} is not a valid bucket name: use 3 to 255 lower-case letters, digits, '.', '-' or '_'")
     return text
