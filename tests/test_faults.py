@@ -388,7 +388,7 @@ def test_config_readable_by_others_with_secret_warns(setup: Setup) -> None:
     result = run_cli("--config", str(setup.path), "status")
     assert f"s3watch: warning: {setup.path} contains a secret and is readable by every user" in result.stderr
     setup.path.chmod(0o640)
-    assert "warning" not in run_cli("--config", str(setup.path), "status").stderr
+    assert "contains a secret" not in run_cli("--config", str(setup.path), "status").stderr
 
 
 INOTIFY = Path("/proc/sys/fs/inotify")
