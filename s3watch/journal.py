@@ -405,6 +405,7 @@ class JournalState:
         self.records = 0
         self.snapshot_records = 0  # how many of the records were read from the snapshot instead of replayed
         self.snapshot_note: str | None = None  # why the snapshot beside the journal was not used
+        self.snapshot_checksum = (0, 0)  # the byte length and CRC-32 of the part of the journal the snapshot covers
         self._md5_index: dict[str, str] | None = None
 
     @property
@@ -623,6 +624,7 @@ def _read_snapshot(snapshot: BinaryIO, journal_fd: int) -> tuple[JournalState, i
     state.cursor = about["cursor"]
     state.format_cursor = about["format_cursor"]
     state.records = state.snapshot_records = about["records"]
+    state.snapshot_checksum = (offset, about["checksum"])
     return state, offset
 
 
@@ -640,15 +642,16 @@ def _read_frame(snapshot: BinaryIO) -> Any:
     return marshal.loads(data)
 
 
-def _snapshot_frames(state: JournalState, journal_fd: int, offset: int) -> Iterator[bytes]:
+def _snapshot_frames(state: JournalState, journal_fd: int, offset: int, checksum: int) -> Iterator[bytes]:
     """Yield the bytes of a snapshot of `state`, which is the replay of the first `offset` bytes of the journal open as `journal_fd`.
 
-    Raises ValueError for a value marshal cannot hold, and OSError when the journal cannot be read.
+    `checksum` is the CRC-32 of those bytes. Raises ValueError for a value marshal cannot hold,
+    and OSError when the journal cannot be read.
     """
     check = min(offset, _SNAPSHOT_CHECK)
     uploads = state.uploads
     about = {
-        "offset": offset, "checksum": _checksum(journal_fd, offset),
+        "offset": offset, "checksum": checksum,
         "head": os.pread(journal_fd, check, 0), "tail": os.pread(journal_fd, check, offset - check),
         "records": state.records, "cursor": state.cursor, "format_cursor": state.format_cursor, "names": uploads._names,
         "finished_frames": -(-len(uploads._finished) // _SNAPSHOT_CHUNK), "unfinished_frames": -(-len(uploads._unfinished) // _SNAPSHOT_CHUNK),
@@ -661,13 +664,13 @@ def _snapshot_frames(state: JournalState, journal_fd: int, offset: int) -> Itera
             yield _frame(chunk)
 
 
-def _checksum(fd: int, length: int) -> int:
+def _checksum(fd: int, length: int, known: tuple[int, int] = (0, 0)) -> int:
     """Return the CRC-32 of the first `length` bytes of the file open as `fd` (0.17 to 0.29 s for 514 MB, measured on one machine).
 
-    Raises _SnapshotMismatch when the file is shorter, and OSError.
+    `known` is the length and CRC-32 of a first part already summed: only the bytes after it
+    are read. Raises _SnapshotMismatch when the file is shorter, and OSError.
     """
-    value = 0
-    position = 0
+    position, value = known
     while position < length:
         data = os.pread(fd, min(READ_BUFFER, length - position), position)
         if not data:
@@ -712,6 +715,8 @@ class Journal:
         self._compaction_failed_at: int | None = None  # records in the journal when a compaction last failed
         self._snapshot_tried_at = self.state.snapshot_records  # records in the journal at the last snapshot written or tried
         self._snapshot_written_at: int | None = self.state.snapshot_records or None  # records the snapshot on disk covers
+        # The journal only grows between compactions, so each snapshot sums only the bytes after the last one.
+        self._checksummed = self.state.snapshot_checksum
 
         path.parent.mkdir(parents=True, exist_ok=True)
         # Only the holder of the state directory's lock writes these files, and that is the
@@ -829,6 +834,7 @@ class Journal:
         state.records = records
         self._compaction_failed_at = None
         self._snapshot_tried_at = 0
+        self._checksummed = (0, 0)
 
     def snapshot_due(self) -> bool:
         """Return whether a running agent should write a new snapshot: enough records were appended since the last one.
@@ -854,8 +860,10 @@ class Journal:
         self._snapshot_tried_at = self.state.records
         target = snapshot_path(self.path)
         temporary = _temporary_path(self.path, "snapshot")
+        offset = self._durable_size
         try:
-            _write_durably(temporary, _snapshot_frames(self.state, self._fd, self._durable_size))
+            checksum = _checksum(self._fd, offset, self._checksummed)
+            _write_durably(temporary, _snapshot_frames(self.state, self._fd, offset, checksum))
             size = os.path.getsize(temporary)
             os.replace(temporary, target)
             _fsync_directory(target.parent)
@@ -868,6 +876,7 @@ class Journal:
             raise JournalError(f"snapshot {target} could not be written ({reason}): {advice}. The journal is unharmed, "
                                "and the next start replays the records the snapshot would have covered.") from None
         self._snapshot_written_at = self.state.records
+        self._checksummed = (offset, checksum)
         return size
 
     def close(self) -> None:

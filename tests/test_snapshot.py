@@ -420,3 +420,20 @@ def test_snapshot_current_until_a_record(tmp_path: Path) -> None:
     snapshot_path(path).unlink()
     assert not journal.snapshot_current()
     journal.close()
+
+
+def test_later_snapshots_sum_only_new_bytes(tmp_path: Path) -> None:
+    path = snapshotted_journal(tmp_path, 20)
+
+    # From the snapshot read at start, then from the one just written, then after a compaction.
+    journal = Journal(path)
+    for first, compact in ((21, False), (41, False), (61, True)):
+        fill(journal, first, 20)
+        if compact:
+            journal.compact()
+        journal.write_snapshot()
+        state, _ = read_journal(path)
+        assert state.snapshot_note is None
+        assert state.snapshot_records == state.records
+        assert observable(state) == observable(read_journal(path, use_snapshot=False)[0])
+    journal.close()
