@@ -298,7 +298,7 @@ def prepare(env: Environment, sizes: Sizes, sections: set[str], seed: int) -> Pr
 
 
 def behind_snapshot(sizes: Sizes) -> int:
-    """Return the most records a running agent leaves after its last snapshot for the replay journal's size.
+    """Return the most records that a running agent leaves after its last snapshot, for the replay journal's size.
 
     It writes a snapshot once the records appended since the last one reach SNAPSHOT_MIN_RECORDS
     and half the number of uploads.

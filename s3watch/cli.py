@@ -185,7 +185,7 @@ def _run(config: Config) -> int:
         _error(str(error))
         return EXIT_CONFIG
     except JournalCorrupt as error:
-        # Like a configuration error, it needs the admin: the unit does not restart on status 2.
+        # A restart cannot fix it either, so it gets status 2, which the unit does not restart on.
         flush_logs()
         _error(str(error))
         return EXIT_CONFIG

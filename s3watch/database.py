@@ -302,7 +302,7 @@ def _explain_mysql_error(error: Exception, settings: DatabaseSettings) -> str:
     if code == 1049:
         return f"database {settings.database!r} not found on {where}: check the database name (db_base in Piwigo's database.inc.php, or the one in piwigo.database.url)"
     if code == 1044:
-        # MariaDB answers this, not "unknown database", to a user without rights on a mistyped name.
+        # MariaDB returns this error, not "unknown database", to a user without rights on a mistyped name.
         return (f"database user has no access to database {settings.database!r} on {where}: check the database name "
                 "(db_base in Piwigo's database.inc.php, or the one in piwigo.database.url), then grant SELECT on the Piwigo tables")
     if code == 1142:

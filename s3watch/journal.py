@@ -72,7 +72,7 @@ class JournalError(Exception):
 
 
 class JournalCorrupt(JournalError):
-    """A line of the journal that is not the last one is corrupt: a restart cannot fix it, `s3watch journal repair` can."""
+    """A corrupt line of the journal that is not the last one. A restart cannot fix it, `s3watch journal repair` can."""
 
 
 @dataclass(slots=True)
@@ -720,7 +720,7 @@ class Journal:
 
         path.parent.mkdir(parents=True, exist_ok=True)
         # Only the holder of the state directory's lock writes these files, and that is the
-        # caller now: any found here were left by a crash in the middle of writing one.
+        # caller now. Any found here were left by a crash in the middle of writing one.
         for purpose in ("compact", "snapshot", "repair"):
             _discard(_temporary_path(path, purpose))
         if valid_length == 0:
@@ -815,7 +815,7 @@ class Journal:
         A crash at any point leaves either the old or the new file complete. Raises JournalError.
         """
         self.commit()
-        self._compaction_failed_at = self.state.records  # until it succeeds
+        self._compaction_failed_at = self.state.records  # cleared when it succeeds
         _remove_snapshot(self.path)
         self._snapshot_written_at = None
         temporary = _temporary_path(self.path, "compact")
@@ -918,7 +918,7 @@ def _remove_snapshot(journal_path: Path) -> None:
 
 
 def _discard(path: Path) -> None:
-    """Delete a temporary file if it is there. A failure is ignored: the file is only in the way of the next attempt, which reports its own error."""
+    """Delete a temporary file if it exists. A failure is ignored, because the file only blocks the next attempt, which reports its own error."""
     try:
         path.unlink(missing_ok=True)
     except OSError:

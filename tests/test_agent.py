@@ -292,7 +292,7 @@ def test_killed_agent_starts_from_running_snapshot(setup: Setup, agent: AgentPro
     assert setup.upload_status(path) == "uploaded"
 
 
-def test_unwritable_snapshot_does_not_stop_agent(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation) -> None:
+def test_unwritable_snapshot_keeps_agent_running(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation) -> None:
     write_earlier_uploads(setup)
     # A directory with a file in it where the snapshot's temporary file goes: it can be neither written nor deleted.
     in_the_way = setup.state_dir / "journal.snapshot.tmp"
