@@ -52,7 +52,8 @@ WRITE_BUFFER = 1024 * 1024  # bytes written at a time when the journal is compac
 # chunks. marshal, unlike pickle, builds only plain values and runs no code, but its format may
 # change between Python versions.
 SNAPSHOT_VERSION = 1
-_SNAPSHOT_MAGIC = f"s3watch journal snapshot {SNAPSHOT_VERSION} python {sys.version_info[0]}.{sys.version_info[1]} marshal {marshal.version}\n".encode()
+_SNAPSHOT_PREFIX = b"s3watch journal snapshot "  # the start of every version's header line
+_SNAPSHOT_MAGIC = _SNAPSHOT_PREFIX + f"{SNAPSHOT_VERSION} python {sys.version_info[0]}.{sys.version_info[1]} marshal {marshal.version}\n".encode()
 _FRAME = struct.Struct("<QI")
 # Uploads per frame. Reading and writing never keep a second copy of all uploads. On a million uploads,
 # frames of 4096 started in 0.45 s at 272 MB peak, and frames of 65,536 in 0.53 s at 286 MB.
@@ -591,7 +592,7 @@ def _read_snapshot(snapshot: BinaryIO, journal_fd: int) -> tuple[JournalState, i
     if magic != _SNAPSHOT_MAGIC:
         if _SNAPSHOT_MAGIC.startswith(magic):
             raise _SnapshotMismatch("cut short")
-        if magic.startswith(b"s3watch journal snapshot "):
+        if magic.startswith(_SNAPSHOT_PREFIX):
             raise _SnapshotMismatch("written by another version of s3watch or of Python")
         raise _SnapshotMismatch("damaged")
     about = _read_frame(snapshot)
@@ -995,5 +996,5 @@ def repair_journal(path: Path) -> tuple[int, int]:
         _fsync_directory(path.parent)
     except OSError as error:
         _discard(temporary)
-        raise JournalError(f"journal {path} could not be repaired ({error.strerror}): check the state directory's permissions and free space") from None
+        raise JournalError(f"journal {path} could not be repaired ({_describe(error)}): check the state directory's permissions and free space") from None
     return kept, dropped
