@@ -34,7 +34,7 @@ from .originals import CaptureSkipped, Originals
 from .piwigo import database_settings, format_path, gallery_path, is_format_file, is_original
 from .sdnotify import Notifier
 from .spool import SpoolError, check_list, find_lists, move_failed
-from .uploader import FILE_BUSY_CODE, DuplicateIndex, Outcome, Uploader, UploadFailed, UploadRequest, object_key
+from .uploader import ALREADY_PRESENT_HINT, FILE_BUSY_CODE, DuplicateIndex, Outcome, Uploader, UploadFailed, UploadRequest, object_key
 from .watcher import SpoolWatcher, UploadWatcher, WatchError
 
 log = structlog.get_logger("s3watch.agent")
@@ -997,6 +997,9 @@ class Agent:
             self.ready.appendleft(waiting)
         if outcome.event == "gone":
             log.warning("gone", path=outcome.path, error=outcome.error)
+        elif outcome.event == "already_present":
+            log.warning("already_present", path=outcome.path, image_id=upload.image_id if upload else None, key=outcome.key,
+                        hint=ALREADY_PRESENT_HINT)
         else:
             log.info(outcome.event, path=outcome.path, image_id=upload.image_id if upload else None,
                      key=outcome.key if outcome.event != "duplicate" else None, bytes=outcome.bytes, ms=outcome.ms,

@@ -18,7 +18,10 @@ from .journal import JournalState
 from .piwigo import row_path
 from .spool import REQUEUE_HEADER, Entry, iter_entries, move_done
 
-ALREADY_UPLOADED = frozenset({"uploaded", "already_present", "duplicate"})
+ALREADY_UPLOADED = frozenset({"uploaded", "duplicate"})
+# What a list from `s3watch verify --requeue` queues again, and why.
+REQUEUED = {"uploaded": "requeued: the object was missing from the bucket",
+            "already_present": "requeued: the other object at its key is gone"}
 ALREADY_QUEUED = frozenset({"pending"})
 
 
@@ -100,8 +103,8 @@ def resolve_entries(entries: list[Entry], gallery: Gallery, table: ImagesTable, 
 
     An entry is queued when it names a regular file inside the gallery that has an images row
     and is neither uploaded nor queued already (earlier entries of the same chunk count). With
-    `requeue` (a list `s3watch verify --requeue` wrote for objects missing from the bucket),
-    uploaded photos are queued again. Raises DatabaseError when the table cannot be read;
+    `requeue` (a list `s3watch verify --requeue` wrote), uploaded photos are queued again, and so
+    are photos that found another object at their key. Without it, such a photo is rejected. Raises DatabaseError when the table cannot be read;
     nothing is decided then.
     """
     paths: dict[int, str] = {}
@@ -146,9 +149,11 @@ def resolve_entries(entries: list[Entry], gallery: Gallery, table: ImagesTable, 
             continue
 
         upload = state.uploads.get(path)
-        if requeue and upload is not None and upload.status == "uploaded" and path not in queued_now:
+        if requeue and upload is not None and upload.status in REQUEUED and path not in queued_now:
             queued_now.add(path)
-            result.append(Verdict(entry, "queued", "requeued: the object was missing from the bucket", row=row))
+            result.append(Verdict(entry, "queued", REQUEUED[upload.status], row=row))
+        elif upload is not None and upload.status == "already_present":
+            result.append(Verdict(entry, "rejected", f"another object is at its key {upload.key}: remove or move that object, then run 's3watch verify --requeue'", row=row))
         elif upload is not None and upload.status in ALREADY_UPLOADED:
             result.append(Verdict(entry, "already uploaded", row=row))
         elif (upload is not None and upload.status in ALREADY_QUEUED) or path in queued_now:

@@ -16,7 +16,7 @@ from .journal import JournalError, read_journal
 from .piwigo import database_settings, row_path
 from .spool import SpoolError, parse_entry, write_list
 from .status import upload_status
-from .uploader import Uploader
+from .uploader import ALREADY_PRESENT_HINT, Uploader
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -221,17 +221,13 @@ def url(config: Config, text: str) -> int:
         elif upload.original == "as_stored":
             print(f"bytes as stored, not as uploaded{': ' + upload.original_note if upload.original_note else ''}", file=sys.stderr)
         return EXIT_OK
-    if upload.status == "already_present" and upload.key:
-        print(uploader.download_url(upload.key, upload.bucket))
-        print(f"note: an object was already at {upload.key} before s3watch tried; it was left untouched and may not be this photo", file=sys.stderr)
-        return EXIT_OK
-
     reasons = {
         "pending": f"not uploaded yet: {upload_status(upload)}"
         + (f" after {_plural(upload.attempts, 'attempt')}, last at {upload.ts}: {upload.error}" if upload.code else ", waiting for a worker"),
         "detected": f"not uploaded yet: waiting for its images row since {upload.detected_ts}",
         "unmatched": f"not uploaded: unmatched ({upload.error})",
         "gone": f"not uploaded: gone ({upload.error})",
+        "already_present": f"not uploaded: {upload.key}: {ALREADY_PRESENT_HINT}",
         "duplicate": f"not uploaded: duplicate of {upload.duplicate_of}, which has the same content"
         + (f": {uploader.download_url(upload.duplicate_of)}" if upload.duplicate_of else ""),
     }

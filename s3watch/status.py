@@ -8,7 +8,7 @@ from typing import Any
 
 from .config import Config
 from .journal import JournalState, Upload, read_journal
-from .uploader import Uploader
+from .uploader import ALREADY_PRESENT_HINT, Uploader
 
 LIST_LENGTH = 10
 
@@ -27,7 +27,8 @@ def build_status(config: Config, state: JournalState | None = None) -> dict[str,
 
     Returns a dict with `counts`, `pending` (the most recent pending or failed uploads, and files
     waiting for their row), `uploaded` (the most recent uploads, with key and download link) and
-    `problems` (files that will not be uploaded: unmatched or gone). Raises JournalError.
+    `problems` (files that will not be uploaded: another object at the key, unmatched or gone).
+    Raises JournalError.
     """
     if state is None:
         state, _ = read_journal(config.journal_path)
@@ -35,8 +36,8 @@ def build_status(config: Config, state: JournalState | None = None) -> dict[str,
     counts = Counter(upload_status(u) for u in unfinished) + state.uploads.finished_counts()
 
     pending = sorted(unfinished, key=lambda u: u.ts, reverse=True)
-    done = state.uploads.latest_finished(("uploaded", "already_present", "duplicate"), LIST_LENGTH)
-    problems = state.uploads.latest_finished(("unmatched", "gone"), LIST_LENGTH)
+    done = state.uploads.latest_finished(("uploaded", "duplicate"), LIST_LENGTH)
+    problems = state.uploads.latest_finished(("already_present", "unmatched", "gone"), LIST_LENGTH)
 
     uploader = Uploader(config.s3, config.uploads, config.links, config.piwigo.root)
     return {
@@ -94,7 +95,8 @@ def _uploaded_item(upload: Upload, uploader: Uploader) -> dict[str, Any]:
 
 
 def _problem_item(upload: Upload) -> dict[str, Any]:
-    return {"path": upload.path, "image_id": upload.image_id, "status": upload.status, "error": upload.error, "time": upload.ts}
+    error = f"{upload.key}: {ALREADY_PRESENT_HINT}" if upload.status == "already_present" else upload.error
+    return {"path": upload.path, "image_id": upload.image_id, "status": upload.status, "key": upload.key, "error": error, "time": upload.ts}
 
 
 def render_json(report: dict[str, Any]) -> str:
@@ -108,7 +110,7 @@ def render_text(report: dict[str, Any]) -> str:
     lines = [
         f"bucket {report['bucket']}: {counts['uploaded']} uploaded, {counts['pending']} pending "
         f"({counts['failed']} failed), {counts['waiting_for_row']} waiting for their row, "
-        f"{counts['already_present']} already present, {counts['duplicate']} duplicates, "
+        f"{counts['already_present']} with another object at their key, {counts['duplicate']} duplicates, "
         f"{counts['unmatched']} unmatched, {counts['gone']} gone",
         "",
         "Pending: none" if not report["pending"] else f"Pending ({len(report['pending'])} most recent):",
@@ -131,8 +133,6 @@ def render_text(report: dict[str, Any]) -> str:
             lines.append("      bytes as uploaded (md5 equals the images row's md5sum)")
         elif item["original"] == "as_stored":
             lines.append(f"      bytes as stored, not as uploaded{': ' + item['original_note'] if item['original_note'] else ''}")
-        if item["status"] == "already_present":
-            lines.append("      an object was already at this key; it was left untouched")
         if item["status"] == "duplicate":
             lines.append(f"      same content as {item['duplicate_of']}; not uploaded again")
         if item["url"]:
@@ -141,5 +141,5 @@ def render_text(report: dict[str, Any]) -> str:
     if report["problems"]:
         lines += ["", f"Not uploaded ({len(report['problems'])} most recent):"]
         for item in report["problems"]:
-            lines.append(f"  {item['status']:<10} {item['path']}  {item['error'] or ''}")
+            lines.append(f"  {item['status']:<15} {item['path']}  {item['error'] or ''}")
     return "\n".join(lines)

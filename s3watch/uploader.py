@@ -63,6 +63,11 @@ class UploadFailed(Exception):
         return f"failed_code_{self.status}"
 
 
+# What an `already_present` upload means and how to fix it, for the log, status, url and verify.
+ALREADY_PRESENT_HINT = ("another object was already at the key and was left untouched, so this photo has no copy in the bucket: "
+                        "remove or move that object, then run 's3watch verify --requeue'")
+
+
 class FileGone(Exception):
     """The file is no longer there, or is no longer a regular file inside the gallery."""
 
@@ -550,10 +555,17 @@ class Uploader:
         return Outcome(path=request.path, event="uploaded", key=request.key, md5=md5, bytes=size, etag=etag)
 
     def _existing_outcome(self, request: UploadRequest, head: dict[str, Any], md5: str, size: int) -> Outcome:
-        """Tell our own earlier upload (same md5, say before a crash) from someone else's object."""
+        """Tell an object with this photo's content from someone else's object at the key.
+
+        An object with the photo's md5 in its metadata is our own earlier upload (say, cut short
+        by a crash before its journal record). One whose ETag is the photo's md5 holds the same
+        bytes, put there by another tool; a multipart ETag, with a '-', is no md5. Either way the
+        photo's bytes are in the bucket, and it counts as uploaded.
+        """
         metadata = {name.lower(): value for name, value in head.get("Metadata", {}).items()}
         etag = str(head.get("ETag", "")).strip('"')
-        if metadata.get("md5") == md5 and int(head.get("ContentLength", -1)) == size:
+        same_content = metadata.get("md5") == md5 or etag == md5
+        if same_content and int(head.get("ContentLength", -1)) == size:
             return Outcome(path=request.path, event="uploaded", key=request.key, md5=md5, bytes=size, etag=etag)
         return Outcome(path=request.path, event="already_present", key=request.key, md5=md5, bytes=size, etag=etag)
 

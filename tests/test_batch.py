@@ -323,7 +323,7 @@ def test_verify_finds_deleted_and_altered_objects(setup: Setup, agent: AgentProc
 
     requeued = run_cli("--config", str(setup.path), "verify", "--requeue")
     assert requeued.returncode == 1
-    assert "queued 2 missing objects again" in requeued.stdout
+    assert "queued 2 photos again" in requeued.stdout
     wait_for(lambda: run_cli("--config", str(setup.path), "verify").stdout.count("missing ") == 0, what="the missing objects to be uploaded again")
     final = run_cli("--config", str(setup.path), "verify")
     assert "checked 5 uploaded objects: 4 as recorded, 0 missing, 1 different" in final.stdout

@@ -466,7 +466,7 @@ def test_foreign_object_survives_faults(
     outcomes = [record["event"] for record in setup.records()
                 if record.get("path") == occupied_path and record["event"] in ("uploaded", "already_present")]
     assert outcomes == ["already_present"]
-    reported = {item["path"]: item["status"] for item in setup.status()["uploaded"]}
+    reported = {item["path"]: item["status"] for item in setup.status()["problems"]}
     assert reported[occupied_path] == "already_present"
     assert_objects_intact(client, bucket, others)
     assert_uploaded_once(setup, others)
