@@ -629,6 +629,8 @@ class Agent:
         assert self.journal is not None and self.table is not None
         self.next_poll = now + self.config.monitor.poll_interval
         self._start_watcher_if_upload_dir_appeared()
+        if self.database_down:
+            self._refresh_database_settings()
         try:
             cursor = self.journal.state.cursor
             if cursor is None:
@@ -707,6 +709,26 @@ class Agent:
             self._start_watcher()
         except WatchError as error:
             log.error("watch_failed", error=str(error))
+
+    def _refresh_database_settings(self) -> None:
+        """Read Piwigo's database settings again, and use them from now on if they changed.
+
+        While the database fails, each poll calls this, so that a password or server that the
+        admin changed in database.inc.php (or in the db_password credential) is used without a
+        reload. Settings that cannot be read right now, say a file in the middle of being
+        written, leave the ones in use.
+        """
+        assert self.table is not None
+        try:
+            settings = database_settings(self.config)
+            if settings == self.table.settings:
+                return
+            table = ImagesTable(settings)
+        except (ConfigError, DatabaseError):
+            return
+        self.table.close()
+        self.table = table
+        log.info("database_settings_changed", database=settings.describe())
 
     def _database_unavailable(self, error: DatabaseError) -> None:
         if not self.database_down:
@@ -1071,8 +1093,8 @@ class Agent:
         self.config = config
         self.matcher.match_timeout = config.monitor.match_timeout
         self.originals.cap_bytes = config.uploads.originals_cap
-        if config.piwigo != old.piwigo:
-            assert self.table is not None
+        assert self.table is not None
+        if config.piwigo != old.piwigo or settings != self.table.settings:
             self.table.close()
             self.table = ImagesTable(settings)
             if config.piwigo.upload_path != old.piwigo.upload_path and self.watcher is not None:
@@ -1097,6 +1119,8 @@ class Agent:
             self.next_spool_check = 0.0
         if config.uploads.workers != old.uploads.workers:
             log.warning("reload_partial", hint="uploads.workers changes take effect at the next restart")
+        if config.metrics != old.metrics:
+            log.warning("reload_partial", hint="metrics changes take effect at the next restart")
         if config.uploads.prevent_duplicates != old.uploads.prevent_duplicates:
             assert self.journal is not None
             self.duplicates = DuplicateIndex(self.journal.state.md5_index) if config.uploads.prevent_duplicates else None

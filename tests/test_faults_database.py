@@ -415,3 +415,39 @@ def test_bad_setting_leaves_state_dir_empty(fault: str, setup: Setup, mariadb: M
     assert result.returncode == 2, result.stderr
     written = sorted(entry.name for entry in setup.state_dir.iterdir()) if setup.state_dir.exists() else []
     assert set(written) <= {"agent.lock"}, f"the failed start wrote {written} into the state directory"
+
+
+def write_database_inc(gallery_root: Path, mariadb: MariaDBServer, password: str) -> None:
+    """Write Piwigo's local/config/database.inc.php for the test's own server, as Piwigo's installer does."""
+    folder = gallery_root / "local" / "config"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "database.inc.php").write_text(
+        "<?php\n$conf['dblayer'] = 'mysqli';\n"
+        f"$conf['db_base'] = '{DB_NAME}';\n$conf['db_user'] = '{DB_USER}';\n"
+        f"$conf['db_password'] = '{password}';\n$conf['db_host'] = '127.0.0.1:{mariadb.port}';\n\n"
+        "$prefixeTable = 'piwigo_';\n\ndefine('PHPWG_INSTALLED', true);\n?>"
+    )
+
+
+def test_password_changed_in_database_inc_is_used_without_reload(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation,
+                                                                 mariadb: MariaDBServer, gallery_root: Path, seaweed: SeaweedFS, bucket: str) -> None:
+    # s3watch reads the database settings from Piwigo's own file.
+    write_database_inc(gallery_root, mariadb, DB_PASSWORD)
+    del setup.values["piwigo"]["database"]
+    setup.write()
+    agent.start()
+    data = sample_photo(1, size=100_000)
+    _, first = piwigo.add_photo(data)
+    wait_until_uploaded(setup, [first])
+
+    # The admin gives the database user a new password, and Piwigo's file with it. The server
+    # restarts, so the agent must log in again.
+    mariadb.execute(f"ALTER USER '{DB_USER}'@'%' IDENTIFIED BY 'a-new-password'")
+    write_database_inc(gallery_root, mariadb, "a-new-password")
+    mariadb.restart()
+    data = sample_photo(2, size=100_000)
+    _, second = piwigo.add_photo(data)
+
+    wait_until_uploaded(setup, [second])
+    assert object_bytes(seaweed, bucket, second) == data
+    assert "a-new-password" not in agent.log() and DB_PASSWORD not in agent.log()
