@@ -233,8 +233,17 @@ def _check(config: Config) -> int:
         problems += 1
 
     try:
-        Uploader(config.s3, config.uploads, config.links, config.piwigo.root).check_bucket()
-        print(f"bucket {config.s3.bucket} at {config.s3.endpoint_url or 'AWS S3'}: ok")
+        uploader = Uploader(config.s3, config.uploads, config.links, config.piwigo.root)
+        uploader.check_bucket()
+        # The probe writes the same small object as the agent at its start: keys that may only
+        # read and list pass the bucket check, and would fail every upload.
+        if config.s3.conditional_writes == "never":
+            print(f"bucket {config.s3.bucket} at {config.s3.endpoint_url or 'AWS S3'}: ok (write access not tested, because s3.conditional_writes is never)")
+        elif uploader.probe_conditional_writes():
+            print(f"bucket {config.s3.bucket} at {config.s3.endpoint_url or 'AWS S3'}: ok (writable, refuses overwrites)")
+        else:
+            print(f"bucket {config.s3.bucket} at {config.s3.endpoint_url or 'AWS S3'}: ok (writable; the store ignores If-None-Match, "
+                  "so s3watch checks for an existing object before each upload)")
     except UploadFailed as failure:
         print(f"bucket {config.s3.bucket} at {config.s3.endpoint_url or 'AWS S3'}: FAILED: {failure.code}: {failure.message}")
         problems += 1

@@ -68,8 +68,10 @@ class SeaweedFS:
     (`-s3.autoCreateBucket=false`), so a wrong bucket gets 404 as it would on AWS.
     """
 
-    def __init__(self, directory: Path, access_key: str = "s3watch-demo", secret_key: str = "s3watch-demo-secret", auto_create_buckets: bool = False) -> None:
+    def __init__(self, directory: Path, access_key: str = "s3watch-demo", secret_key: str = "s3watch-demo-secret", auto_create_buckets: bool = False,
+                 read_only_keys: tuple[str, str] | None = None) -> None:
         self.directory = directory
+        self.read_only_keys = read_only_keys  # (access key, secret key) of a second identity that may only read and list
         self.auto_create_buckets = auto_create_buckets
         self.access_key = access_key
         self.secret_key = secret_key
@@ -87,6 +89,9 @@ class SeaweedFS:
         data.mkdir(parents=True, exist_ok=True)
         identities = {"identities": [{"name": "admin", "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
                                       "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
+        if self.read_only_keys is not None:
+            identities["identities"].append({"name": "reader", "credentials": [{"accessKey": self.read_only_keys[0], "secretKey": self.read_only_keys[1]}],
+                                             "actions": ["Read", "List"]})
         config = self.directory / "s3.json"
         config.write_text(json.dumps(identities))
         config.chmod(0o600)

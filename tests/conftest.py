@@ -47,7 +47,8 @@ def wait_for(condition: Callable[[], Any], timeout: float = 60.0, what: str = "c
 @pytest.fixture(scope="session")
 def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
     """One SeaweedFS for the session; tests make their own buckets."""
-    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"), access_key="test-access", secret_key=TEST_S3_SECRET)
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"), access_key="test-access", secret_key=TEST_S3_SECRET,
+                       read_only_keys=("test-reader", "test-reader-secret"))
     server.start()
     yield server
     server.stop()

@@ -15,6 +15,7 @@ def test_check_passes_on_good_setup(setup: Setup) -> None:
     result = run_cli("--config", str(setup.path), "check")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "all checks passed" in result.stdout
+    assert "(writable, refuses overwrites)" in result.stdout
     assert TEST_DB_PASSWORD not in result.stdout + result.stderr
 
 
@@ -32,6 +33,14 @@ def test_check_fails_on_wrong_key(setup: Setup) -> None:
     assert result.returncode == 1
     assert "FAILED: failed_code_403" in result.stdout
     assert "not-the-secret" not in result.stdout + result.stderr
+
+
+def test_check_fails_on_keys_that_may_only_read(setup: Setup) -> None:
+    # Such keys pass the bucket check (a listing) and would fail every upload.
+    setup.update("s3", access_key_id="test-reader", secret_access_key="test-reader-secret")
+    result = run_cli("--config", str(setup.path), "check")
+    assert result.returncode == 1, result.stdout
+    assert "FAILED: failed_code_403" in result.stdout
 
 
 def test_check_fails_on_unreachable_database(setup: Setup) -> None:
