@@ -140,6 +140,7 @@ class Agent:
         self.next_spool_check = 0.0
         self.journal_failing = False  # set while the state directory refuses writes
         self.watch_limit_reported = False
+        self.folders_outside_reported: set[str] = set()  # top folders of new photos outside the upload directory, warned about once
         self.next_journal_retry = 0.0
         self.originals = Originals(config.state_dir, config.uploads.originals_cap)
         self.original_resize = False  # Piwigo's "resize after upload", read from its config table
@@ -655,9 +656,26 @@ class Agent:
                 continue
             if self.config.monitor.enabled and is_original(row.path, self.config.piwigo.upload_dir):
                 self._queue(row.path, row, source="poll")
+            elif self.config.monitor.enabled and not row.path.startswith(self.config.piwigo.upload_dir + "/"):
+                self._report_outside_upload_dir(row)
         self.journal.append("cursor", image_id=rows[-1].id)
         if len(rows) == POLL_BATCH:
             self.next_poll = now  # more rows are waiting
+
+    def _report_outside_upload_dir(self, row: ImageRow) -> None:
+        """Warn, once per folder, that a new photo lies outside the upload directory and is not uploaded.
+
+        Piwigo puts photos elsewhere when its upload_dir differs from piwigo.upload_dir, and
+        for galleries synchronised into galleries/.
+        """
+        folder = row.path.partition("/")[0]
+        if folder in self.folders_outside_reported:
+            return
+        self.folders_outside_reported.add(folder)
+        upload_dir = self.config.piwigo.upload_dir
+        log.warning("photo_outside_upload_dir", path=row.path, image_id=row.id,
+                    hint=f"s3watch uploads new photos from {upload_dir}/ only: if Piwigo's $conf['upload_dir'] is another folder, set "
+                         f"piwigo.upload_dir to it; to send the photos in {folder}/, use 's3watch backfill' or 's3watch enqueue'")
 
     def _poll_formats(self) -> None:
         """Queue extra formats (RAW files and the like) added since the last poll, to existing photos too."""

@@ -207,19 +207,31 @@ def _check(config: Config) -> int:
     settings = database_settings(config)  # a ConfigError here is a configuration error: exit 2
     print(f"configuration {config.source}: ok")
 
+    newest_path = None
     try:
         table = ImagesTable(settings)
         table.connect()
         newest = table.max_id()
+        row = table.find_by_ids([newest]).get(newest) if newest else None
+        newest_path = row.path if row is not None else None
         table.close()
         print(f"database {settings.describe()}: ok (table {table.table}, newest image id {newest})")
     except DatabaseError as error:
         print(f"database: FAILED: {error}")
         problems += 1
 
+    # A mistyped upload_dir would watch a folder Piwigo never writes to, and every photo would be skipped.
     upload = config.piwigo.upload_path
-    if upload.is_dir():
+    outside = newest_path is not None and not newest_path.startswith(config.piwigo.upload_dir + "/")
+    if upload.is_dir() and outside:
+        print(f"upload directory {upload}: ok, but the newest photo ({newest_path}) is outside it and is not watched: "
+              "if Piwigo's $conf['upload_dir'] is another folder, set piwigo.upload_dir to it")
+    elif upload.is_dir():
         print(f"upload directory {upload}: ok")
+    elif newest_path is not None:
+        print(f"upload directory {upload}: FAILED: it does not exist, but the images table has photos (the newest is {newest_path}): "
+              "set piwigo.upload_dir to Piwigo's upload folder")
+        problems += 1
     else:
         print(f"upload directory {upload}: not created yet (Piwigo creates it at the first upload)")
 

@@ -161,6 +161,15 @@ def _nonempty_string(key: str, value: Any) -> str:
     return text
 
 
+def _upload_dir(key: str, value: Any) -> str:
+    """Piwigo's upload folder, relative to its root; Piwigo's own form './upload' is accepted."""
+    text = _nonempty_string(key, value).strip()
+    parts = [part for part in text.split("/") if part not in ("", ".")]
+    if text.startswith("/") or ".." in parts or not parts:
+        raise ConfigError(f"{key} must be a folder inside piwigo.root, such as upload (Piwigo's $conf['upload_dir']), got {text!r}")
+    return "/".join(parts)
+
+
 def _optional_string(key: str, value: Any) -> str | None:
     if value is None:
         return None
@@ -284,7 +293,7 @@ def _database_url(key: str, value: Any) -> str:
 SCHEMA: dict[str, Any] = {
     "piwigo": {
         "root": (_nonempty_string, _REQUIRED),
-        "upload_dir": (_nonempty_string, "upload"),
+        "upload_dir": (_upload_dir, "upload"),
         "database": {
             "url": (_database_url, _REQUIRED),
             "table_prefix": (_string, "piwigo_"),
@@ -418,7 +427,7 @@ def parse_config(text: str, source: Path) -> Config:
     s3 = values["s3"]
 
     config = Config(
-        piwigo=PiwigoConfig(root=Path(piwigo["root"]), upload_dir=piwigo["upload_dir"].strip("/"), database=database),
+        piwigo=PiwigoConfig(root=Path(piwigo["root"]), upload_dir=piwigo["upload_dir"], database=database),
         monitor=MonitorConfig(**values["monitor"]),
         s3=S3Config(**s3),
         uploads=UploadsConfig(

@@ -84,6 +84,27 @@ def test_files_that_are_not_originals_are_ignored(setup: Setup, agent: AgentProc
     assert list(setup.journal().uploads) == [path]
 
 
+def test_photos_outside_upload_dir_are_reported_once(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation, gallery_root: Path) -> None:
+    agent.start()
+    wait_for(lambda: "ready" in agent.log(), what="the agent to be ready")
+    # Piwigo's FTP synchronisation puts photos under galleries/, which s3watch does not watch.
+    synced = []
+    for number in (1, 2):
+        data = sample_photo(number)
+        path = f"galleries/holidays/photo-{number}.jpg"
+        (gallery_root / path).parent.mkdir(parents=True, exist_ok=True)
+        (gallery_root / path).write_bytes(data)
+        piwigo.insert_row(path, hashlib.md5(data).hexdigest(), len(data))
+        synced.append(path)
+    _, path = piwigo.add_photo(sample_photo(3))
+
+    wait_for(lambda: uploaded(setup, path), what="the photo in the upload directory")
+    wait_for(lambda: "photo_outside_upload_dir" in agent.log(), what="the warning")
+    assert agent.log().count("photo_outside_upload_dir") == 1
+    assert "set piwigo.upload_dir to it; to send the photos in galleries/" in agent.log()
+    assert all(setup.journal().uploads.get(path) is None for path in synced)
+
+
 def test_object_already_at_key_is_left_untouched(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation, seaweed: SeaweedFS, bucket: str) -> None:
     data = sample_photo(1)
     day_path = piwigo.place_file(data)

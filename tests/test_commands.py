@@ -43,6 +43,14 @@ def test_check_fails_on_keys_that_may_only_read(setup: Setup) -> None:
     assert "FAILED: failed_code_403" in result.stdout
 
 
+def test_check_fails_on_mistyped_upload_dir(setup: Setup, piwigo: PiwigoImitation) -> None:
+    piwigo.add_photo(sample_photo(1))
+    setup.update("piwigo", upload_dir="uploads")
+    result = run_cli("--config", str(setup.path), "check")
+    assert result.returncode == 1, result.stdout
+    assert "uploads: FAILED: it does not exist, but the images table has photos (the newest is upload/" in result.stdout
+
+
 def test_check_fails_on_unreachable_database(setup: Setup) -> None:
     setup.values["piwigo"]["database"]["url"] = f"mysql://s3watch_test:{TEST_DB_PASSWORD}@127.0.0.1:1/piwigo"
     setup.write()

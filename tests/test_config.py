@@ -18,6 +18,10 @@ def parse(text: str):  # noqa: ANN201 - the return type is Config
     return parse_config(text, Path("s3watch.yaml"))
 
 
+def test_upload_dir_in_piwigo_form_is_accepted() -> None:
+    assert parse(MINIMAL.replace("/srv/piwigo", "/srv/piwigo\n  upload_dir: ./upload2/")).piwigo.upload_dir == "upload2"
+
+
 def test_minimal_config_gets_documented_defaults() -> None:
     config = parse(MINIMAL)
     assert config.piwigo.upload_dir == "upload"
@@ -51,6 +55,8 @@ def test_minimal_config_gets_documented_defaults() -> None:
         ("piwigo:\n  root: /srv\n  database:\n    url: mysql://u:pw@db:abc/x\ns3:\n  bucket: abc\n", "has an invalid port in host 'db:abc'"),
         (MINIMAL + "  endpoint_url: http://AKIA:hunter2@127.0.0.1:9000\n", "must not contain credentials"),
         (MINIMAL + "  access_key_id: AKIA\n  secret_access_key: 987654321987\n", "s3.secret_access_key must be a string: put the value in quotes"),
+        (MINIMAL.replace("/srv/piwigo", "/srv/piwigo\n  upload_dir: ../../etc"), "piwigo.upload_dir must be a folder inside piwigo.root"),
+        (MINIMAL.replace("/srv/piwigo", "/srv/piwigo\n  upload_dir: /var/upload"), "piwigo.upload_dir must be a folder inside piwigo.root"),
     ],
 )
 def test_invalid_config_is_rejected_with_key_named(text: str, message: str) -> None:
