@@ -22,6 +22,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+# -P: Python would otherwise import a folder named s3watch in the current directory, such as
+# the clone itself when the demo is started from the folder above it.
+_S3WATCH = (sys.executable, "-P", "-m", "s3watch")
+
 # A 16x16 JPEG; each sample photo is this picture with a comment segment that makes its bytes unique.
 _JPEG = base64.b64decode(
     "/9j/4AAQSkZJRgABAQAAAQABAAD/2wBDABALDA4MChAODQ4SERATGCgaGBYWGDEjJR0oOjM9PDkzODdASFxOQERXRTc4UG1RV19iZ2hnPk1xeXBkeFxl"
@@ -193,6 +197,8 @@ def _write_config(directory: Path, gallery: Path, database: Path, endpoint: str,
         "  mode: presigned\n"
         "  expires: 3600\n"
         f"state_dir: {directory / 'state'}\n"
+        # Not the default /var/spool/s3watch, where the demo's agent would take a real agent's lists.
+        f"spool_dir: {directory / 'spool'}\n"
     )
     config.chmod(0o600)
     return config
@@ -229,7 +235,7 @@ def run_demo(directory: Path | None, photos: int) -> int:
         config = _write_config(work, gallery, database, server.endpoint_url, server.access_key, server.secret_key)
         log_path = work / "agent.log"
         with open(log_path, "ab") as log:
-            agent = subprocess.Popen([sys.executable, "-m", "s3watch", "--config", str(config), "run"], stdout=log, stderr=subprocess.STDOUT)
+            agent = subprocess.Popen([*_S3WATCH, "--config", str(config), "run"], stdout=log, stderr=subprocess.STDOUT)
         print(f"agent started (pid {agent.pid}); its log: {log_path}")
 
         # Photos added before the watch is in place would be found by the table poll instead.
@@ -241,12 +247,12 @@ def run_demo(directory: Path | None, photos: int) -> int:
             print(f"added photo {image_id}: {path}")
 
         def uploaded() -> bool:
-            result = subprocess.run([sys.executable, "-m", "s3watch", "--config", str(config), "status", "--json"], capture_output=True, text=True)
+            result = subprocess.run([*_S3WATCH, "--config", str(config), "status", "--json"], capture_output=True, text=True)
             return result.returncode == 0 and json.loads(result.stdout)["counts"]["uploaded"] >= photos
 
         _wait(uploaded, 60, agent, f"all {photos} photos to be uploaded")
         print()
-        subprocess.run([sys.executable, "-m", "s3watch", "--config", str(config), "status"], check=False)
+        subprocess.run([*_S3WATCH, "--config", str(config), "status"], check=False)
         print(f"\nall {photos} photos are in the bucket; the configuration used is {config}")
         print("the links work until the demo stops its SeaweedFS server, which it does now")
         return 0
