@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         warning = exposed_secret_warning(config, holds_secret(config))
         if warning:
             print(f"s3watch: warning: {warning}", file=sys.stderr)
-        if arguments.command in ("status", "verify", "url") and not config.journal_path.exists():
+        if arguments.command in ("status", "verify", "url") and _journal_missing(config):
             # Without a journal these report nothing, which would look like an empty queue.
             print(f"s3watch: warning: no journal at {config.journal_path}: the agent has not run with this state_dir yet, or state_dir is wrong",
                   file=sys.stderr)
@@ -300,6 +300,14 @@ def _generate(output: Path | None) -> int:
         return EXIT_FAILED
     print(f"wrote {output}; set piwigo.root and s3.bucket, then run: s3watch --config {output} check")
     return EXIT_OK
+
+
+def _journal_missing(config: Config) -> bool:
+    """Tell whether the state directory has no journal. One that cannot be looked at counts as there: reading it reports why."""
+    try:
+        return not config.journal_path.exists()
+    except OSError:
+        return False
 
 
 def _existing_parent(path: Path) -> Path:

@@ -12,11 +12,11 @@ from typing import Iterable, Iterator
 from .batch import Gallery, album_with_descendants
 from .config import Config
 from .database import DatabaseError, ImagesTable
-from .journal import JournalError, read_journal
+from .journal import JournalError, JournalState, Upload, read_journal
 from .piwigo import database_settings, row_path
 from .spool import SpoolError, parse_entry, write_list
 from .status import upload_status
-from .uploader import ALREADY_PRESENT_HINT, Uploader
+from .uploader import ALREADY_PRESENT_HINT, Uploader, UploadFailed
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -154,7 +154,7 @@ def backfill(config: Config, arguments: argparse.Namespace) -> int:
             print(f"{_plural(count, 'photo')} selected (dry run: nothing queued)")
             return EXIT_OK
 
-        path, count = write_list(config.spool_dir, (f"id:{row.id}" for row in rows))
+        path, count = write_list(config.spool_dir, (f"id:{row.id}" for row in rows), keep_empty=False)
     except DatabaseError as error:
         _error(str(error))
         return EXIT_FAILED
@@ -165,7 +165,6 @@ def backfill(config: Config, arguments: argparse.Namespace) -> int:
         table.close()
 
     if count == 0:
-        path.unlink(missing_ok=True)
         print("0 photos selected: nothing queued")
         return EXIT_OK
     _announce_list(path, count)
@@ -179,6 +178,12 @@ def url(config: Config, text: str) -> int:
         _error(f"invalid entry {text!r}: give a photo's path or id:1234")
         return EXIT_USAGE
 
+    try:
+        state, _ = read_journal(config.journal_path)
+    except JournalError as error:
+        _error(str(error))
+        return EXIT_FAILED
+
     if entry.image_id is not None:
         table = ImagesTable(database_settings(config))
         try:
@@ -189,10 +194,17 @@ def url(config: Config, text: str) -> int:
             return EXIT_FAILED
         finally:
             table.close()
-        if row is None:
-            print(f"not uploaded: no images row with id {entry.image_id}")
-            return EXIT_FAILED
-        path = row.path
+        if row is not None:
+            path = row.path
+        else:
+            # The photo may have been deleted in Piwigo since: its copy is what the admin is after.
+            found = _path_of_image(state, entry.image_id)
+            if found is None:
+                print(f"not uploaded: no images row with id {entry.image_id}, and s3watch has no record of that image")
+                return EXIT_FAILED
+            print(f"note: image {entry.image_id} has no images row any more (deleted in Piwigo?); its record in the journal follows",
+                  file=sys.stderr)
+            path = found
     else:
         relative = Gallery(config.piwigo.root, config.piwigo.upload_dir).relative_path(entry.path or "")
         if relative is None:
@@ -200,11 +212,6 @@ def url(config: Config, text: str) -> int:
             return EXIT_FAILED
         path = relative
 
-    try:
-        state, _ = read_journal(config.journal_path)
-    except JournalError as error:
-        _error(str(error))
-        return EXIT_FAILED
     upload = state.uploads.get(path)
     if upload is None:
         if entry.image_id is not None:
@@ -213,7 +220,23 @@ def url(config: Config, text: str) -> int:
             print(f"not uploaded: s3watch has no record of {path}; once it has an images row, queue it with: s3watch enqueue {path}")
         return EXIT_FAILED
 
-    uploader = Uploader(config.s3, config.uploads, config.links, config.piwigo.root)
+    try:
+        return _explain(Uploader(config.s3, config.uploads, config.links, config.piwigo.root), upload)
+    except UploadFailed as failure:
+        _error(f"no download link for {path}: {failure.message}")
+        return EXIT_FAILED
+
+
+def _path_of_image(state: JournalState, image_id: int) -> str | None:
+    """Return the path of the photo the journal records for an image id, or None. Looks at every upload."""
+    for path, upload in state.uploads.items():
+        if upload.image_id == image_id and upload.kind is None:
+            return path
+    return None
+
+
+def _explain(uploader: Uploader, upload: Upload) -> int:
+    """Print an upload's link (exit status 0), or why it has none (1). Raises UploadFailed when a presigned link cannot be signed."""
     if upload.status == "uploaded" and upload.key:
         print(uploader.download_url(upload.key, upload.bucket))
         if upload.original == "as_uploaded":
@@ -228,9 +251,10 @@ def url(config: Config, text: str) -> int:
         "unmatched": f"not uploaded: unmatched ({upload.error})",
         "gone": f"not uploaded: gone ({upload.error})",
         "already_present": f"not uploaded: {upload.key}: {ALREADY_PRESENT_HINT}",
-        "duplicate": f"not uploaded: duplicate of {upload.duplicate_of}, which has the same content"
-        + (f": {uploader.download_url(upload.duplicate_of)}" if upload.duplicate_of else ""),
+        "duplicate": f"not uploaded: duplicate of {upload.duplicate_of}, which has the same content",
     }
+    if upload.status == "duplicate" and upload.duplicate_of:
+        reasons["duplicate"] += f": {uploader.download_url(upload.duplicate_of)}"
     print(reasons.get(upload.status, f"not uploaded: {upload.status}"))
     return EXIT_FAILED
 

@@ -108,11 +108,12 @@ def iter_entries(path: Path, start_line: int = 1) -> Iterator[Entry]:
                 yield entry
 
 
-def write_list(spool_dir: Path, entries: Iterable[str], header: str | None = None) -> tuple[Path, int]:
+def write_list(spool_dir: Path, entries: Iterable[str], header: str | None = None, keep_empty: bool = True) -> tuple[Path, int]:
     """Write entries as a new list in the spool directory, atomically (temporary name, fsync, rename).
 
-    `header` becomes the list's first line. Returns the list's path and the number of entries.
-    Raises SpoolError.
+    `header` becomes the list's first line. Without `keep_empty`, a list with no entries is
+    removed instead of renamed into place, where a running agent could already be reading it.
+    Returns the list's path and the number of entries. Raises SpoolError.
     """
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
     name = f"{stamp}-{secrets.token_hex(4)}.list"
@@ -132,15 +133,26 @@ def write_list(spool_dir: Path, entries: Iterable[str], header: str | None = Non
                 count += 1
             handle.flush()
             os.fsync(handle.fileno())
+        if count == 0 and not keep_empty:
+            temporary.unlink()
+            return spool_dir / name, 0
         _share_with_agent(spool_dir, temporary)
         os.rename(temporary, spool_dir / name)
     except OSError as error:
-        temporary.unlink(missing_ok=True)
+        _remove_quietly(temporary)
         raise SpoolError(f"could not write a list in {spool_dir} ({error.strerror}): run as a user who may write there") from None
     except BaseException:
-        temporary.unlink(missing_ok=True)
+        _remove_quietly(temporary)
         raise
     return spool_dir / name, count
+
+
+def _remove_quietly(path: Path) -> None:
+    """Remove a file left by a failed write, if it is there and this user may remove it."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass  # a folder this user may not search or write: the file was never created there
 
 
 def _share_with_agent(spool_dir: Path, path: Path) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 from .config import Config
 from .journal import JournalState, Upload, read_journal
-from .uploader import ALREADY_PRESENT_HINT, Uploader
+from .uploader import ALREADY_PRESENT_HINT, Uploader, UploadFailed
 
 LIST_LENGTH = 10
 
@@ -40,6 +40,8 @@ def build_status(config: Config, state: JournalState | None = None) -> dict[str,
     problems = state.uploads.latest_finished(("already_present", "unmatched", "gone"), LIST_LENGTH)
 
     uploader = Uploader(config.s3, config.uploads, config.links, config.piwigo.root)
+    link_errors: list[str] = []
+    uploaded = [_uploaded_item(u, uploader, link_errors) for u in done]
     return {
         "bucket": config.s3.bucket,
         "counts": {
@@ -53,7 +55,8 @@ def build_status(config: Config, state: JournalState | None = None) -> dict[str,
             "gone": counts.get("gone", 0),
         },
         "pending": [_pending_item(u) for u in pending[:LIST_LENGTH]],
-        "uploaded": [_uploaded_item(u, uploader) for u in done],
+        "uploaded": uploaded,
+        "links_error": link_errors[0] if link_errors else None,
         "problems": [_problem_item(u) for u in problems],
     }
 
@@ -71,12 +74,14 @@ def _pending_item(upload: Upload) -> dict[str, Any]:
     }
 
 
-def _uploaded_item(upload: Upload, uploader: Uploader) -> dict[str, Any]:
+def _uploaded_item(upload: Upload, uploader: Uploader, link_errors: list[str]) -> dict[str, Any]:
+    """Describe one finished upload; a link that cannot be made is None, and the reason goes to `link_errors`."""
     linked_key = upload.duplicate_of if upload.status == "duplicate" else upload.key
     try:
         url = uploader.download_url(linked_key, upload.bucket) if linked_key else None
-    except Exception:  # noqa: BLE001 - a presigned link needs credentials this user may lack
+    except UploadFailed as failure:  # a presigned link needs credentials this user may lack
         url = None
+        link_errors.append(failure.message)
     return {
         "path": upload.path,
         "image_id": upload.image_id,
@@ -126,6 +131,8 @@ def render_text(report: dict[str, Any]) -> str:
             lines.append(f"  {'':<18} {item['error']}")
 
     lines += ["", "Uploaded: none" if not report["uploaded"] else f"Uploaded ({len(report['uploaded'])} most recent):"]
+    if report["links_error"]:
+        lines.append(f"  no download links: {report['links_error']}")
     for item in report["uploaded"]:
         kind = "  (extra format)" if item["kind"] == "format" else ""
         lines.append(f"  {item['time']}  {item['path']}  image {item['image_id']}{kind}  -> {item['key']}")

@@ -617,10 +617,14 @@ class Uploader:
         """Return the object's download link: public (or under links.base_url) or presigned.
 
         `bucket` is the bucket the object went to, when it may differ from the configured one.
+        Raises UploadFailed when a presigned link cannot be signed, for want of credentials.
         """
         bucket = bucket or self.s3.bucket
         if self.links.mode == "presigned":
-            return str(self.client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=self.links.expires))
+            try:
+                return str(self.client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=self.links.expires))
+            except botocore.exceptions.BotoCoreError as error:
+                raise classify_error(error) from None
         quoted = quote(key, safe="/~")
         if self.links.base_url:
             return f"{self.links.base_url}/{quoted}"

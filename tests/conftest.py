@@ -222,8 +222,9 @@ def agent(setup: Setup, tmp_path: Path) -> Iterator[AgentProcess]:
     process.stop()
 
 
-def run_cli(*arguments: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    """Run the s3watch command line and return its result."""
-    result = subprocess.run([sys.executable, "-m", "s3watch", *arguments], capture_output=True, text=True, input=stdin, timeout=120)
+def run_cli(*arguments: str, stdin: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the s3watch command line, with `env` added to the environment, and return its result."""
+    result = subprocess.run([sys.executable, "-m", "s3watch", *arguments], capture_output=True, text=True, input=stdin, timeout=120,
+                            env={**os.environ, **(env or {})})
     CLI_OUTPUTS.append(result.stdout + result.stderr)
     return result
