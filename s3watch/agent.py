@@ -227,6 +227,9 @@ class Agent:
         state = self.journal.state
         if state.snapshot_note is not None:
             log.info("journal_snapshot_not_used", reason=state.snapshot_note)
+        if self.journal.torn_bytes:
+            log.warning("journal_torn_line_dropped", bytes=self.journal.torn_bytes,
+                        hint="a crash or power loss cut the last record short before it was saved; its step is done again")
         log.info("journal_read", records=state.records, from_snapshot=state.snapshot_records, uploads=len(state.uploads),
                  ms=round((time.monotonic() - started) * 1000))
 

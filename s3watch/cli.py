@@ -339,11 +339,15 @@ def _repair(config: Config) -> int:
         _error(str(error))
         return EXIT_FAILED
     try:
-        kept, dropped = repair_journal(config.journal_path)
+        kept, dropped, backup = repair_journal(config.journal_path)
     except JournalError as error:
         _error(str(error))
         return EXIT_FAILED
     finally:
         os.close(lock)
-    print(f"journal {config.journal_path}: kept {kept} records, dropped {dropped} corrupt lines; the original is kept beside it as {config.journal_path.name}.corrupt-*")
+    if backup is None:
+        print(f"journal {config.journal_path}: all {kept} records are valid; left unchanged")
+    else:
+        lines = "corrupt line" if dropped == 1 else "corrupt lines"
+        print(f"journal {config.journal_path}: kept {kept} records, dropped {dropped} {lines}; the original is kept as {backup}")
     return EXIT_OK

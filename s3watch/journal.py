@@ -730,6 +730,7 @@ class Journal:
         # Read access too: a snapshot compares the bytes it covers.
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         size = os.fstat(fd).st_size
+        self.torn_bytes = max(0, size - valid_length)  # the torn last line cut off, for the agent's log
         if size > valid_length:
             # Drop a torn last line so that the next record does not glue onto it.
             os.ftruncate(fd, valid_length)
@@ -960,15 +961,15 @@ def _fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
-def repair_journal(path: Path) -> tuple[int, int]:
+def repair_journal(path: Path) -> tuple[int, int, Path | None]:
     """Rewrite a journal keeping every valid record, and keep the original beside it.
 
-    Returns (records kept, lines dropped). The original is renamed to `<name>.corrupt-<time>`.
-    Raises JournalError when the file cannot be read or written.
+    Returns (records kept, lines dropped, where the original is kept). The original is renamed
+    to `<name>.corrupt-<time>`. A journal without a bad line is left as it is, and the third
+    value is None. Raises JournalError when the file cannot be read or written.
     """
     if not path.exists():
         raise JournalError(f"journal {path} not found: check state_dir in the configuration")
-    _remove_snapshot(path)
 
     dropped = 0
     scratch = JournalState()
@@ -991,10 +992,14 @@ def repair_journal(path: Path) -> tuple[int, int]:
     temporary = _temporary_path(path, "repair")
     try:
         kept = _write_durably(temporary, valid_lines())
+        if dropped == 0:
+            _discard(temporary)
+            return kept, 0, None
+        _remove_snapshot(path)
         os.link(path, backup)
         os.replace(temporary, path)
         _fsync_directory(path.parent)
     except OSError as error:
         _discard(temporary)
         raise JournalError(f"journal {path} could not be repaired ({_describe(error)}): check the state directory's permissions and free space") from None
-    return kept, dropped
+    return kept, dropped, backup

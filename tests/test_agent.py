@@ -262,6 +262,7 @@ def test_torn_last_journal_line_is_survived(setup: Setup, agent: AgentProcess, p
     _, second = piwigo.add_photo(sample_photo(2))
     wait_for(lambda: uploaded(setup, second), what="a photo after the restart")
     assert all(line.endswith(b"}") for line in journal.read_bytes().splitlines())
+    assert "journal_torn_line_dropped bytes=61 " in agent.log()
 
 
 def test_corrupt_middle_line_stops_start_with_line_number(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation) -> None:
@@ -283,7 +284,7 @@ def test_corrupt_middle_line_stops_start_with_line_number(setup: Setup, agent: A
 
     repaired = run_cli("--config", str(setup.path), "journal", "repair")
     assert repaired.returncode == 0, repaired.stderr
-    assert "dropped 1" in repaired.stdout
+    assert "dropped 1 corrupt line; the original is kept as " in repaired.stdout
     assert setup.upload_status(first) == "uploaded"
 
 

@@ -220,6 +220,8 @@ def test_snapshot_path_directory_error(tmp_path: Path) -> None:
     with pytest.raises(JournalError, match=rf"snapshot .* could not be written \(Is a directory: .*\.tmp -> {re.escape(str(snapshot))}\): free space"):
         journal.write_snapshot()
     journal.close()
+    with open(path, "ab") as handle:
+        handle.write(b'{"event":"queued"\n')  # a line to repair
     with pytest.raises(JournalError, match=re.escape(cannot_delete)):
         repair_journal(path)
     assert not list(tmp_path.glob("journal.jsonl.corrupt-*"))  # nothing was repaired, so no copy is kept
@@ -238,6 +240,11 @@ def test_rewritten_journal_removes_snapshot(tmp_path: Path) -> None:
     journal.write_snapshot()
     journal.close()
 
+    # A journal without a bad line is left as it is, and its snapshot still matches it.
+    assert repair_journal(path)[2] is None
+    assert snapshot_path(path).exists()
+    with open(path, "ab") as handle:
+        handle.write(b'{"event":"queued"\n')
     repair_journal(path)
     assert not snapshot_path(path).exists()
 

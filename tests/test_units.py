@@ -218,10 +218,16 @@ def test_journal_corrupt_middle_line_names_line(tmp_path: Path) -> None:
     with pytest.raises(JournalError, match="line 2 is corrupt"):
         read_journal(path)
 
-    kept, dropped = repair_journal(path)
+    kept, dropped, backup = repair_journal(path)
     assert (kept, dropped) == (2, 1)
     assert read_journal(path)[0].uploads["upload/a.jpg"].status == "pending"
-    assert len(list(tmp_path.glob("journal.jsonl.corrupt-*"))) == 1
+    assert list(tmp_path.glob("journal.jsonl.corrupt-*")) == [backup]
+
+    # Once repaired, another repair changes nothing and keeps no copy.
+    repaired = path.read_bytes()
+    assert repair_journal(path) == (2, 0, None)
+    assert path.read_bytes() == repaired
+    assert list(tmp_path.glob("journal.jsonl.corrupt-*")) == [backup]
 
 
 def test_journal_compaction_keeps_every_upload(tmp_path: Path) -> None:
