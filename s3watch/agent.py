@@ -34,6 +34,7 @@ from .originals import CaptureSkipped, Originals
 from .piwigo import database_settings, format_path, gallery_path, is_format_file, is_original
 from .sdnotify import Notifier
 from .spool import SpoolError, check_list, find_lists, move_failed
+from .status import WAITING_FOR_STORE
 from .uploader import ALREADY_PRESENT_HINT, FILE_BUSY_CODE, DuplicateIndex, Outcome, Uploader, UploadFailed, UploadRequest, object_key
 from .watcher import SpoolWatcher, UploadWatcher, WatchError
 
@@ -1080,7 +1081,7 @@ class Agent:
         assert self.journal is not None
         upload = self.journal.state.uploads.get(path)
         if upload is not None and upload.status == "pending" and upload.code != code:
-            self.journal.append("failed", path, code=code, error="waiting: the store failed another upload with this code", attempts=upload.attempts)
+            self.journal.append("failed", path, code=code, error=WAITING_FOR_STORE, attempts=upload.attempts)
 
     def _unblock(self, reason: str) -> None:
         log.info("uploads_resumed", reason=reason, after=self.blocked_code)

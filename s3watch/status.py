@@ -8,9 +8,11 @@ from typing import Any
 
 from .config import Config
 from .journal import JournalState, Upload, read_journal
-from .uploader import ALREADY_PRESENT_HINT, Uploader, UploadFailed
+from .uploader import ALREADY_PRESENT_HINT, CONTROL_CHARACTERS, Uploader, UploadFailed
 
 LIST_LENGTH = 10
+# The error of an upload that waits, untried, while the store fails others (set by the agent).
+WAITING_FOR_STORE = "waiting: the store failed another upload with this code"
 
 
 def upload_status(upload: Upload) -> str:
@@ -124,10 +126,10 @@ def render_text(report: dict[str, Any]) -> str:
         detail = f"  {item['status']:<18} {item['path']}  image {item['image_id'] if item['image_id'] is not None else '-'}"
         if item["attempts"]:
             detail += f"  attempts {item['attempts']}  last try {item['last_try']}"
-        elif item["status"].startswith("failed_code_"):
+        elif item["error"] == WAITING_FOR_STORE:
             detail += "  not tried yet: waiting while the store fails other uploads"
         lines.append(detail)
-        if item["error"]:
+        if item["error"] and item["error"] != WAITING_FOR_STORE:
             lines.append(f"  {'':<18} {item['error']}")
 
     lines += ["", "Uploaded: none" if not report["uploaded"] else f"Uploaded ({len(report['uploaded'])} most recent):"]
@@ -149,4 +151,5 @@ def render_text(report: dict[str, Any]) -> str:
         lines += ["", f"Not uploaded ({len(report['problems'])} most recent):"]
         for item in report["problems"]:
             lines.append(f"  {item['status']:<15} {item['path']}  {item['error'] or ''}")
-    return "\n".join(lines)
+    # A file name may hold a line break or a terminal's escape character: each report line stays one line.
+    return "\n".join(CONTROL_CHARACTERS.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), line) for line in lines)

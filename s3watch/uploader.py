@@ -28,7 +28,7 @@ from .config import LinksConfig, S3Config, UploadsConfig
 log = structlog.get_logger("s3watch.uploader")
 
 MAX_KEY_BYTES = 1024
-_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 READ_SIZE = 1024 * 1024
 # A file up to this size, below the multipart threshold, is read into memory once, hashed and
 # sent from there: each byte is read from disk once, and the bytes sent are the bytes hashed.
@@ -115,6 +115,10 @@ class Outcome:
     original_note: str | None = None
 
 
+# Renaming the file would break its images row, so the advice for a name that makes no valid key is the template.
+_TEMPLATE_ADVICE = "set s3.key_template to one without the file's name, such as {prefix}{image_id}-{md5}, and reload"
+
+
 def object_key(template: str, prefix: str, path: str, image_id: int | None, md5: str | None) -> str:
     """Build an object key from the configured template and a photo's fields.
 
@@ -130,13 +134,13 @@ def object_key(template: str, prefix: str, path: str, image_id: int | None, md5:
     try:
         size = len(key.encode("utf-8"))
     except UnicodeEncodeError:
-        raise ValueError(f"key {key!r} contains bytes that are not UTF-8: rename the file") from None
+        raise ValueError(f"key {key!r} contains bytes that are not UTF-8: {_TEMPLATE_ADVICE}") from None
     if not key:
         raise ValueError("the key template gave an empty key")
     if size > MAX_KEY_BYTES:
         raise ValueError(f"key is {size} bytes, over S3's limit of {MAX_KEY_BYTES}: shorten s3.prefix or the file name")
-    if _CONTROL_CHARACTERS.search(key):
-        raise ValueError(f"key {key!r} contains control characters, which S3 listings cannot return: rename the file")
+    if CONTROL_CHARACTERS.search(key):
+        raise ValueError(f"key {key!r} contains control characters, which S3 listings cannot return: {_TEMPLATE_ADVICE}")
     return key
 
 

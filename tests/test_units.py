@@ -12,7 +12,7 @@ import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import botocore.exceptions
 import pytest
@@ -474,3 +474,24 @@ def test_buffered_log_flushes_worker_lines(monkeypatch: pytest.MonkeyPatch) -> N
         assert stream.getvalue().splitlines()[-1].endswith("next_loop_line")
     finally:
         structlog.reset_defaults()
+
+
+def test_status_text_says_why_an_untried_upload_waits_and_keeps_one_line_per_entry() -> None:
+    from s3watch.status import WAITING_FOR_STORE, render_text
+
+    def pending(path: str, code: str, error: str) -> dict[str, Any]:
+        return {"path": path, "image_id": 1, "status": code, "error": error, "attempts": 0, "last_try": None, "source": "monitor", "since": ""}
+
+    report = {
+        "bucket": "b", "links_error": None, "uploaded": [], "problems": [],
+        "counts": dict.fromkeys(("uploaded", "pending", "failed", "waiting_for_row", "already_present", "duplicate", "unmatched", "gone"), 0),
+        "pending": [pending("upload/a.jpg", "failed_code_403", WAITING_FOR_STORE),
+                    pending("upload/b\n\x1b[31m.jpg", "failed_code_400", "key 'upload/b\\n.jpg' contains control characters")],
+    }
+    lines = render_text(report).splitlines()
+
+    assert "upload/a.jpg  image 1  not tried yet: waiting while the store fails other uploads" in lines[3]
+    assert lines[4].strip().startswith("failed_code_400")
+    assert "not tried yet" not in lines[4] and "upload/b\\n\\x1b[31m.jpg" in lines[4]
+    assert "contains control characters" in lines[5]
+    assert len(lines) == 8  # counts, blank, heading, 3 lines of pending, blank, "Uploaded: none"
