@@ -951,11 +951,23 @@ class Agent:
         capture = self.originals.path_of(upload.capture) if upload.capture else None
         note = None
         if capture is None and upload.row_md5 and self.config.uploads.originals == "as_uploaded":
-            note = f"no copy was taken on arrival: {upload.capture_note}" if upload.capture_note else None
+            # Used only if the file turns out not to hold the bytes as uploaded.
+            note = f"no copy was taken on arrival: {upload.capture_note or self._why_no_capture(upload)}"
         return UploadRequest(
             path=upload.path, image_id=upload.image_id, key=key, row_md5=upload.row_md5,
             capture=capture, format_id=upload.format_id, original_note=note,
         )
+
+    @staticmethod
+    def _why_no_capture(upload: Upload) -> str:
+        """Say why an upload without a recorded reason has no copy taken on arrival."""
+        if upload.source == "monitor" and not upload.capture:
+            return "Piwigo's resize after upload was off when the file arrived, as far as s3watch knew (it reads that option at each table poll)"
+        if upload.source == "poll":
+            return "the table poll found the photo after it arrived (s3watch was not running, or missed the file's event)"
+        if upload.source in ("batch", "tag"):
+            return f"the photo was queued from a {'list' if upload.source == 'batch' else 'tag'}, long after it arrived"
+        return "the copy taken on arrival is gone"
 
     def _upload(self, request: UploadRequest) -> None:
         """Run in a worker: upload and post the outcome to the loop.

@@ -654,8 +654,10 @@ def _log_retry(state: RetryCallState) -> None:
     request: UploadRequest = state.args[0]
     error = state.outcome.exception() if state.outcome else None
     wait = state.next_action.sleep if state.next_action else 0
-    log.warning("upload_retry", path=request.path, key=request.key, attempt=state.attempt_number,
-                code=getattr(error, "code", None), error=str(error), wait_s=round(wait, 2))
+    # A file still being written, or rewritten by Piwigo's resize, is expected to settle: no warning.
+    level = log.info if isinstance(error, FileBusy) else log.warning
+    level("upload_retry", path=request.path, key=request.key, attempt=state.attempt_number,
+          code=getattr(error, "code", FILE_BUSY_CODE if isinstance(error, FileBusy) else None), error=str(error), wait_s=round(wait, 2))
 
 
 def _ms_since(started: float) -> int:

@@ -101,6 +101,21 @@ def test_rewrite_before_copy_is_reported_not_mislabelled(resize_on: None, setup:
     assert "rewritten before it could be copied" in item["original_note"]
 
 
+def test_photo_added_while_stopped_says_why_it_is_as_stored(resize_on: None, setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation) -> None:
+    agent.start()
+    wait_until_resize_seen(agent)
+    agent.stop()
+    original, resized = sample_photo(1), sample_photo(2)
+    _, path = add_resized_photo(piwigo, original, resized, delay=0)
+
+    agent.start()
+    wait_for(lambda: setup.upload_status(path) == "uploaded", what="the upload")
+    item = setup.status()["uploaded"][0]
+    assert item["original"] == "as_stored"
+    assert item["original_note"] == ("no copy was taken on arrival: the table poll found the photo after it arrived "
+                                     "(s3watch was not running, or missed the file's event)")
+
+
 def test_copies_respect_the_cap(resize_on: None, setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation, seaweed: SeaweedFS, bucket: str) -> None:
     setup.update("uploads", originals_cap_mb=1)
     agent.start()
