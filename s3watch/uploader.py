@@ -153,8 +153,12 @@ def classify_error(error: Exception) -> UploadFailed:
         status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
         code = str(response.get("Error", {}).get("Code", ""))
         message = str(response.get("Error", {}).get("Message", "")) or code
-        if code == "NoSuchBucket" or (status == 404 and error.operation_name == "HeadBucket"):
+        if code == "NoSuchBucket":
             return UploadFailed(404, f"bucket not found ({code}): check s3.bucket and s3.region", transient=False)
+        if status == 404 and error.operation_name == "HeadBucket":
+            # A HEAD answer has no body, so a server that is not S3 at all looks the same.
+            return UploadFailed(404, f"bucket not found ({code}): check s3.bucket and s3.region, and that s3.endpoint_url is the S3 service",
+                                transient=False)
         if status == 403:
             return UploadFailed(403, f"access denied ({code}: {message}): check the S3 access key, secret and bucket policy", transient=False)
         if status == 301 or code in ("PermanentRedirect", "AuthorizationHeaderMalformed"):
@@ -164,6 +168,9 @@ def classify_error(error: Exception) -> UploadFailed:
     if isinstance(error, (botocore.exceptions.NoCredentialsError, botocore.exceptions.PartialCredentialsError)):
         return UploadFailed(403, "no S3 credentials found: set s3.access_key_id and s3.secret_access_key, or pass them as systemd credentials "
                                  "(s3_access_key_id and s3_secret_access_key in $CREDENTIALS_DIRECTORY)", transient=False)
+    if isinstance(error, botocore.exceptions.SSLError):
+        return UploadFailed(0, f"TLS with the S3 endpoint failed ({error}): use https:// in s3.endpoint_url only for an endpoint that "
+                               "speaks TLS, with a certificate this machine trusts", transient=True)
     if isinstance(error, botocore.exceptions.EndpointConnectionError):
         return UploadFailed(0, f"could not connect to the S3 endpoint ({error.kwargs.get('endpoint_url', '')}): is it running and is s3.endpoint_url right?", transient=True)
     if isinstance(error, (botocore.exceptions.ConnectTimeoutError, botocore.exceptions.ReadTimeoutError)):

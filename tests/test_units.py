@@ -67,6 +67,7 @@ def client_error(status: int, code: str, operation: str = "PutObject") -> botoco
         (botocore.exceptions.ConnectTimeoutError(endpoint_url="http://127.0.0.1:1"), "failed_code_0", True),
         (botocore.exceptions.ReadTimeoutError(endpoint_url="http://127.0.0.1:1"), "failed_code_0", True),
         (botocore.exceptions.NoCredentialsError(), "failed_code_403", False),
+        (botocore.exceptions.SSLError(endpoint_url="https://127.0.0.1:1", error="WRONG_VERSION_NUMBER"), "failed_code_0", True),
     ],
 )
 def test_error_codes(error: Exception, code: str, transient: bool) -> None:
