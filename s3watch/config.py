@@ -451,7 +451,9 @@ def parse_config(text: str, source: Path) -> Config:
     )
     config = apply_credentials(config)
     if (config.s3.access_key_id is None) != (config.s3.secret_access_key is None):
-        raise ConfigError(f"{source}: set both s3.access_key_id and s3.secret_access_key, or neither to use boto3's credential chain")
+        directory = os.environ.get("CREDENTIALS_DIRECTORY")
+        where = f" (with the credentials in {directory}: s3_access_key_id and s3_secret_access_key)" if directory else ""
+        raise ConfigError(f"{source}: set both s3.access_key_id and s3.secret_access_key{where}, or neither to use boto3's credential chain")
     return config
 
 
@@ -512,6 +514,8 @@ def read_credential(name: str) -> str | None:
     directory = os.environ.get("CREDENTIALS_DIRECTORY")
     if not directory:
         return None
+    if not os.path.isdir(directory):
+        raise ConfigError(f"CREDENTIALS_DIRECTORY {directory} is not a folder: set it to the folder holding the credential files, or unset it")
     path = Path(directory) / name
     try:
         return path.read_text(encoding="utf-8").rstrip("\r\n")

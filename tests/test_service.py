@@ -196,7 +196,16 @@ def test_credentials_directory_supplies_secret(setup: Setup, tmp_path: Path) -> 
 
     without = run_cli("--config", str(setup.path), "check")
     assert without.returncode == 2
-    assert "set both s3.access_key_id and s3.secret_access_key" in without.stderr
+    assert "set both s3.access_key_id and s3.secret_access_key, or neither" in without.stderr
+
+    # The admin's mistakes name the credentials folder.
+    (credentials / "s3_secret_access_key").rename(credentials / "s3_secret_key")
+    missing = run_cli("--config", str(setup.path), "check", env={"CREDENTIALS_DIRECTORY": str(credentials)})
+    assert missing.returncode == 2
+    assert f"s3.secret_access_key (with the credentials in {credentials}: s3_access_key_id and s3_secret_access_key)" in missing.stderr
+    nowhere = run_cli("--config", str(setup.path), "check", env={"CREDENTIALS_DIRECTORY": str(tmp_path / "nowhere")})
+    assert nowhere.returncode == 2
+    assert f"CREDENTIALS_DIRECTORY {tmp_path / 'nowhere'} is not a folder" in nowhere.stderr
 
 
 def test_metrics_endpoint_is_scraped(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation) -> None:
