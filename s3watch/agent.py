@@ -252,6 +252,11 @@ class Agent:
         if self.config.metrics.listen is None:
             return
         self.metrics = Metrics()
+        # The last success survives a restart, so that an alert on its age does not fire on a quiet gallery.
+        assert self.journal is not None
+        latest = self.journal.state.uploads.latest_finished(("uploaded",), 1)
+        if latest:
+            self.metrics.last_success.set(_epoch(latest[0].ts))
         try:
             self.metrics.serve(self.config.metrics.listen)
         except MetricsError as error:
@@ -474,7 +479,7 @@ class Agent:
         """Set the gauges that need a look at the queue or the journal file."""
         assert self.metrics is not None and self.journal is not None
         self.metrics.queue_length.set(self._pending_count())
-        heads = [line[0] for line in (self.ready, self.ready_batch) if line] + list(self.retry_at)
+        heads = [line[0] for line in (self.ready, self.ready_batch) if line] + list(self.retry_at) + list(self.in_flight)
         oldest = min((self.journal.state.uploads[path].detected_ts for path in heads if path in self.journal.state.uploads), default=None)
         self.metrics.oldest_pending_age.set(max(0.0, now - _epoch(oldest)) if oldest else 0.0)
         try:

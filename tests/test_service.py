@@ -231,6 +231,14 @@ def test_metrics_endpoint_is_scraped(setup: Setup, agent: AgentProcess, piwigo: 
     assert re.search(r"^s3watch_journal_bytes [1-9]", text, re.M)
     assert "# TYPE s3watch_upload_failures_total counter" in text
 
+    # After a restart the last success is the journal's, not zero.
+    last_success = re.search(r"^s3watch_last_success_timestamp_seconds (\S+)", text, re.M).group(1)  # type: ignore[union-attr]
+    agent.stop()
+    agent.start()
+    restarted = wait_for(lambda: scrape() if "ready" in agent.log() else None, what="the metrics after a restart")
+    restored = float(re.search(r"^s3watch_last_success_timestamp_seconds (\S+)", restarted, re.M).group(1))  # type: ignore[union-attr]
+    assert abs(restored - float(last_success)) < 1.0  # the journal's time stamp has milliseconds
+
 
 def test_check_offline_fails_start_on_broken_config(setup: Setup) -> None:
     good = run_cli("--config", str(setup.path), "check", "--offline")
