@@ -369,6 +369,12 @@ class Uploads:
         by_event = Counter(packed[0] for packed in self._finished.values())
         return Counter({STATUS_BY_EVENT[_EVENTS[code]]: count for code, count in by_event.items()})
 
+    def uploaded_buckets(self) -> Counter[str | None]:
+        """Count the uploaded photos by the bucket they went to, without unpacking them (None: not recorded in the head)."""
+        uploaded = _EVENT_CODES["uploaded"]
+        codes = Counter(packed[2] for packed in self._finished.values() if packed[0] == uploaded)
+        return Counter({self._names[code]: count for code, count in codes.items()})
+
     def latest_finished(self, statuses: Collection[str], count: int) -> list[Upload]:
         """Return the `count` most recently finished uploads with one of `statuses`, newest first."""
         events = {_EVENT_CODES[event] for event, status in STATUS_BY_EVENT.items() if status in statuses}

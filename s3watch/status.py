@@ -56,6 +56,9 @@ def build_status(config: Config, state: JournalState | None = None) -> dict[str,
             "unmatched": counts.get("unmatched", 0),
             "gone": counts.get("gone", 0),
         },
+        # Uploads to a bucket configured before, when s3.bucket was changed since.
+        "uploaded_elsewhere": {bucket: count for bucket, count in sorted(state.uploads.uploaded_buckets().items(), key=lambda item: str(item[0]))
+                               if bucket is not None and bucket != config.s3.bucket},
         "pending": [_pending_item(u) for u in pending[:LIST_LENGTH]],
         "uploaded": uploaded,
         "links_error": link_errors[0] if link_errors else None,
@@ -119,6 +122,9 @@ def render_text(report: dict[str, Any]) -> str:
         f"({counts['failed']} failed), {counts['waiting_for_row']} waiting for their row, "
         f"{counts['already_present']} with another object at their key, {counts['duplicate']} duplicates, "
         f"{counts['unmatched']} unmatched, {counts['gone']} gone",
+    ]
+    lines += [f"  of the uploaded, {count} went to bucket {bucket}, s3.bucket before" for bucket, count in report["uploaded_elsewhere"].items()]
+    lines += [
         "",
         "Pending: none" if not report["pending"] else f"Pending ({len(report['pending'])} most recent):",
     ]

@@ -484,7 +484,7 @@ def test_status_text_says_why_an_untried_upload_waits_and_keeps_one_line_per_ent
         return {"path": path, "image_id": 1, "status": code, "error": error, "attempts": 0, "last_try": None, "source": "monitor", "since": ""}
 
     report = {
-        "bucket": "b", "links_error": None, "uploaded": [], "problems": [],
+        "bucket": "b", "links_error": None, "uploaded": [], "problems": [], "uploaded_elsewhere": {},
         "counts": dict.fromkeys(("uploaded", "pending", "failed", "waiting_for_row", "already_present", "duplicate", "unmatched", "gone"), 0),
         "pending": [pending("upload/a.jpg", "failed_code_403", WAITING_FOR_STORE),
                     pending("upload/b\n\x1b[31m.jpg", "failed_code_400", "key 'upload/b\\n.jpg' contains control characters")],
@@ -496,3 +496,21 @@ def test_status_text_says_why_an_untried_upload_waits_and_keeps_one_line_per_ent
     assert "not tried yet" not in lines[4] and "upload/b\\n\\x1b[31m.jpg" in lines[4]
     assert "contains control characters" in lines[5]
     assert len(lines) == 8  # counts, blank, heading, 3 lines of pending, blank, "Uploaded: none"
+
+
+def test_uploads_count_by_bucket_for_status_after_a_bucket_change() -> None:
+    from s3watch.status import render_text
+
+    state = JournalState()
+    for number, bucket in enumerate(("old-bucket", "old-bucket", "new-bucket")):
+        path = f"upload/{number}.jpg"
+        state.apply({"ts": "2026-12-05T10:00:00.000Z", "event": "queued", "path": path, "image_id": number, "row_md5": "a" * 32, "source": "monitor"})
+        state.apply({"ts": "2026-12-05T10:00:01.000Z", "event": "uploaded", "path": path, "key": path, "bucket": bucket, "md5": "a" * 32,
+                     "etag": "a" * 32, "bytes": 1, "attempts": 1, "original": "as_uploaded"})
+    assert state.uploads.uploaded_buckets() == {"old-bucket": 2, "new-bucket": 1}
+
+    report = {
+        "bucket": "new-bucket", "links_error": None, "uploaded": [], "problems": [], "pending": [], "uploaded_elsewhere": {"old-bucket": 2},
+        "counts": dict.fromkeys(("uploaded", "pending", "failed", "waiting_for_row", "already_present", "duplicate", "unmatched", "gone"), 0),
+    }
+    assert render_text(report).splitlines()[1] == "  of the uploaded, 2 went to bucket old-bucket, s3.bucket before"
