@@ -1057,7 +1057,7 @@ class Agent:
         for waiting in self.waiting_for_parent.pop(outcome.path, []):
             self.ready.appendleft(waiting)
         if outcome.event == "gone":
-            log.warning("gone", path=outcome.path, error=outcome.error)
+            log.warning("gone", path=outcome.path, image_id=upload.image_id if upload else None, error=outcome.error)
         elif outcome.event == "already_present":
             log.warning("already_present", path=outcome.path, image_id=upload.image_id if upload else None, key=outcome.key,
                         hint=ALREADY_PRESENT_HINT)

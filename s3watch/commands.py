@@ -43,7 +43,8 @@ def _checked_entries(lines: Iterable[str], source: str) -> Iterator[str]:
         if entry is None:
             continue
         if entry.path is None and entry.image_id is None:
-            raise UsageError(f"{source} line {number}: invalid image id {entry.text!r}: write id:1234")
+            where = f"argument {number}" if source == "argument" else f"{source} line {number}"
+            raise UsageError(f"{where}: invalid image id {entry.text!r}: write id:1234")
         yield entry.text
 
 
@@ -151,7 +152,7 @@ def backfill(config: Config, arguments: argparse.Namespace) -> int:
                 if count < DRY_RUN_SHOWN:
                     print(f"id:{row.id}\t{row_path(row.path)}")
                 count += 1
-            print(f"{_plural(count, 'photo')} selected (dry run: nothing queued)")
+            print(f"{_plural(count, 'photo')} selected (dry run: nothing queued; photos already uploaded or queued are skipped when the agent reads the list)")
             return EXIT_OK
 
         path, count = write_list(config.spool_dir, (f"id:{row.id}" for row in rows), keep_empty=False)
@@ -216,6 +217,10 @@ def url(config: Config, text: str) -> int:
     if upload is None:
         if entry.image_id is not None:
             print(f"not uploaded: s3watch has no record of {path}, the file of images row {entry.image_id}: queue it with: s3watch enqueue id:{entry.image_id}")
+        elif path.isdigit():
+            print(f"not uploaded: s3watch has no record of a file named {path}; for the photo with image id {path}, write id:{path}")
+        elif not (config.piwigo.root / path).exists():
+            print(f"not uploaded: s3watch has no record of {path}, and there is no such file in the gallery {config.piwigo.root}")
         else:
             print(f"not uploaded: s3watch has no record of {path}; once it has an images row, queue it with: s3watch enqueue {path}")
         return EXIT_FAILED

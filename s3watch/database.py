@@ -260,6 +260,9 @@ class ImagesTable:
             except pymysql.err.ProgrammingError as error:
                 if optional_table and error.args and error.args[0] == 1146:
                     raise TableMissing(str(error.args[-1])) from None
+                if error.args and error.args[0] == 1146:
+                    # The missing table may be another one than images, such as categories for backfill --album.
+                    raise DatabaseError(f"{error.args[-1]}: check the table prefix ({self.prefix!r}) and that this is a Piwigo database") from None
                 raise DatabaseError(f"query on {self.table} failed: {error.args[-1]}") from None
             except sqlite3.OperationalError as error:
                 if optional_table and "no such table" in str(error):

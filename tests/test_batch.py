@@ -193,7 +193,9 @@ def test_url_command_explains_each_state(setup: Setup, agent: AgentProcess, piwi
 
     unknown = run_cli("--config", str(setup.path), "url", "upload/2020/01/01/none.jpg")
     assert unknown.returncode == 1
-    assert "no record of upload/2020/01/01/none.jpg" in unknown.stdout
+    assert "no record of upload/2020/01/01/none.jpg, and there is no such file in the gallery" in unknown.stdout
+    bare = run_cli("--config", str(setup.path), "url", str(image_id))
+    assert bare.returncode == 1 and f"write id:{image_id}" in bare.stdout
 
     # A photo deleted in Piwigo keeps its copy, and its id still finds it.
     execute(database, f"DELETE FROM piwigo_images WHERE id = {image_id}")
@@ -259,7 +261,7 @@ def test_backfill_selectors_write_right_entries(setup: Setup, piwigo: PiwigoImit
     dry = run_cli("--config", str(setup.path), "backfill", "--all", "--dry-run")
     assert dry.returncode == 0
     assert f"id:{ids[0]}\t" in dry.stdout
-    assert "6 photos selected (dry run: nothing queued)" in dry.stdout
+    assert "6 photos selected (dry run: nothing queued;" in dry.stdout
     # An empty selection writes no list, which a running agent could otherwise pick up half removed.
     empty = run_cli("--config", str(setup.path), "backfill", "--ids", f"{ids[-1] + 1000}-{ids[-1] + 1001}")
     assert empty.returncode == 0 and "0 photos selected: nothing queued" in empty.stdout
