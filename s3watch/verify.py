@@ -32,9 +32,9 @@ def check_object(uploader: Uploader, upload: Upload) -> Finding | None:
     """Compare one object with its journal record: present, same size, same md5.
 
     The md5 is read from the object's metadata, or from its ETag when that is a plain md5 (not a
-    multipart ETag). An `already_present` upload found another object at its key: it gets a
-    Finding as long as that object is there without the photo's content, and one that
-    `--requeue` fixes once the object is gone or holds the photo's content. Returns a Finding,
+    multipart ETag). An `already_present` upload found another object at its key. It gets an
+    `occupied` Finding while that object lacks the photo's content. Once the object is gone,
+    or holds the photo's content, its Finding is one that `--requeue` fixes. Returns a Finding,
     or None when the object is as recorded. Raises UploadFailed when the store cannot be
     reached or rejects the request.
     """
