@@ -7,9 +7,13 @@ import difflib
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from .uploader import Uploader
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -251,11 +255,14 @@ def _check(config: Config) -> int:
         # read and list pass the bucket check, and would fail every upload.
         if config.s3.conditional_writes == "never":
             print(f"bucket {config.s3.bucket} at {config.s3.endpoint_url or 'AWS S3'}: ok (write access not tested, because s3.conditional_writes is never)")
-        elif uploader.probe_conditional_writes():
-            print(f"bucket {config.s3.bucket} at {config.s3.endpoint_url or 'AWS S3'}: ok (writable, refuses overwrites)")
         else:
-            print(f"bucket {config.s3.bucket} at {config.s3.endpoint_url or 'AWS S3'}: ok (writable; the store ignores If-None-Match, "
-                  "so s3watch checks for an existing object before each upload)")
+            if uploader.probe_conditional_writes():
+                print(f"bucket {config.s3.bucket} at {config.s3.endpoint_url or 'AWS S3'}: ok (writable, refuses overwrites)")
+            else:
+                print(f"bucket {config.s3.bucket} at {config.s3.endpoint_url or 'AWS S3'}: ok (writable; the store ignores If-None-Match, "
+                      "so s3watch checks for an existing object before each upload)")
+            if config.links.mode == "public" and not config.links.base_url:
+                print(_public_link_line(uploader, config.s3.connect_timeout))
     except UploadFailed as failure:
         print(f"bucket {config.s3.bucket} at {config.s3.endpoint_url or 'AWS S3'}: FAILED: {failure.code}: {failure.message}")
         problems += 1
@@ -265,6 +272,26 @@ def _check(config: Config) -> int:
         return EXIT_FAILED
     print("all checks passed")
     return EXIT_OK
+
+
+def _public_link_line(uploader: Uploader, timeout: float) -> str:
+    """Open the public link of the probe object without credentials, and return check's line on the links.
+
+    Most buckets for backups are private, and their public links, which status and url print
+    by default, are refused. That is no failure of the backup, so the line is a note.
+    """
+    import urllib.error
+    import urllib.request
+
+    url = uploader.download_url(uploader.probe_key)
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
+            return "links: public links open without credentials: ok"
+    except urllib.error.HTTPError as error:
+        return (f"links: note: the store refuses a public link without credentials (HTTP {error.code}), so the links that status "
+                "and url print do not open: set links.mode: presigned for a private bucket, or links.base_url for a CDN")
+    except (urllib.error.URLError, OSError) as error:
+        return f"links: note: a public link could not be opened ({getattr(error, 'reason', error)}): check links.mode and links.base_url"
 
 
 def _check_offline(config: Config) -> int:

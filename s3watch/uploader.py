@@ -390,6 +390,11 @@ class Uploader:
         except Exception as error:  # noqa: BLE001 - classify_error re-raises what it does not know
             raise classify_error(error) from None
 
+    @property
+    def probe_key(self) -> str:
+        """The key of the small object that the conditional-write probe writes."""
+        return f"{self.s3.prefix}.s3watch/conditional-write-probe"
+
     def probe_conditional_writes(self) -> bool:
         """Test whether the store honours `If-None-Match: *`, and remember the result.
 
@@ -401,7 +406,7 @@ class Uploader:
         if self.s3.conditional_writes == "never":
             self.conditional_writes = False
             return False
-        key = f"{self.s3.prefix}.s3watch/conditional-write-probe"
+        key = self.probe_key
         body = b"s3watch checks that this store refuses to overwrite an object sent with If-None-Match: *\n"
         for _write in (1, 2):
             try:

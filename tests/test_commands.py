@@ -16,6 +16,12 @@ def test_check_passes_on_good_setup(setup: Setup) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "all checks passed" in result.stdout
     assert "(writable, refuses overwrites)" in result.stdout
+    # The test buckets are private, so their public links are refused: a note, not a failure.
+    assert "links: note: the store refuses a public link without credentials (HTTP 403)" in result.stdout
+    setup.update("links", mode="presigned")
+    presigned = run_cli("--config", str(setup.path), "check")
+    assert presigned.returncode == 0
+    assert "links:" not in presigned.stdout
     assert TEST_DB_PASSWORD not in result.stdout + result.stderr
 
 
