@@ -939,6 +939,8 @@ class Agent:
                 # Reported, not mangled: a reload with another key template or prefix may fix it.
                 self.journal.append("failed", path, code="failed_code_400", error=str(error), attempts=upload.attempts)
                 log.error("invalid_key", path=path, error=str(error))
+                if self.metrics is not None:
+                    self.metrics.failures.labels(code="failed_code_400").inc()
                 self.retry_at[path] = now + self.config.uploads.retry_interval
                 continue
             request = self._request(upload, key)
