@@ -256,7 +256,14 @@ def _check(config: Config) -> int:
         if config.s3.conditional_writes == "never":
             print(f"bucket {config.s3.bucket} at {config.s3.endpoint_url or 'AWS S3'}: ok (write access not tested, because s3.conditional_writes is never)")
         else:
-            if uploader.probe_conditional_writes():
+            try:
+                refuses_overwrites = uploader.probe_conditional_writes()
+            except UploadFailed as failure:
+                if failure.status == 403:
+                    raise UploadFailed(403, "the keys may list the bucket but not write to it: grant s3:PutObject on the bucket",
+                                       transient=False) from None
+                raise
+            if refuses_overwrites:
                 print(f"bucket {config.s3.bucket} at {config.s3.endpoint_url or 'AWS S3'}: ok (writable, refuses overwrites)")
             else:
                 print(f"bucket {config.s3.bucket} at {config.s3.endpoint_url or 'AWS S3'}: ok (writable; the store ignores If-None-Match, "
@@ -268,7 +275,7 @@ def _check(config: Config) -> int:
         problems += 1
 
     if problems:
-        print(f"{problems} problem(s) found")
+        print(f"{problems} {'problem' if problems == 1 else 'problems'} found")
         return EXIT_FAILED
     print("all checks passed")
     return EXIT_OK

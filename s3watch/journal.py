@@ -65,6 +65,9 @@ _SNAPSHOT_CHECK = 4096  # bytes compared at the start and at the end of the part
 # most about 1 s per million uploads after the snapshot, and writing snapshots costs the running
 # agent under 2 µs per record appended.
 SNAPSHOT_MIN_RECORDS = 50_000
+# The journal and its snapshot hold paths, md5s and keys, no secret. The service's group may read
+# them, so that its members can run status, url and verify, as they may read the configuration.
+FILE_MODE = 0o640
 COMPACTION_MIN_RECORDS = 10_000  # a smaller journal is never compacted: it replays in about 20 ms
 
 
@@ -734,7 +737,8 @@ class Journal:
             # A snapshot left from a journal that was moved aside must not replace the new one.
             _remove_snapshot(path)
         # Read access too: a snapshot compares the bytes it covers.
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+        os.fchmod(fd, FILE_MODE)  # a journal created by an earlier version is private to its owner
         size = os.fstat(fd).st_size
         self.torn_bytes = max(0, size - valid_length)  # the torn last line cut off, for the agent's log
         if size > valid_length:
@@ -941,16 +945,16 @@ def _describe(error: OSError) -> str:
 
 
 def _write_durably(path: Path, lines: Iterable[bytes]) -> int:
-    """Write `lines` to a new private file (mode 0600) and fsync it. Returns the number of lines written.
+    """Write `lines` to a new file (mode FILE_MODE) and fsync it. Returns the number of lines written.
 
     The lines go out through a buffer of WRITE_BUFFER bytes as they come, so that rewriting the
     journal of a large gallery does not hold a second copy of it in memory. Raises OSError.
     """
-    def create_private(name: str | Path, _flags: int) -> int:
-        return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    def create(name: str | Path, _flags: int) -> int:
+        return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
 
     count = 0
-    with open(path, "wb", buffering=WRITE_BUFFER, opener=create_private) as out:
+    with open(path, "wb", buffering=WRITE_BUFFER, opener=create) as out:
         for line in lines:
             out.write(line)
             count += 1

@@ -105,7 +105,7 @@ def _uploaded_item(upload: Upload, uploader: Uploader, link_errors: list[str]) -
 
 
 def _problem_item(upload: Upload) -> dict[str, Any]:
-    error = f"{upload.key}: {ALREADY_PRESENT_HINT}" if upload.status == "already_present" else upload.error
+    error = ALREADY_PRESENT_HINT if upload.status == "already_present" else upload.error
     return {"path": upload.path, "image_id": upload.image_id, "status": upload.status, "key": upload.key, "error": error, "time": upload.ts}
 
 
@@ -123,7 +123,7 @@ def render_text(report: dict[str, Any]) -> str:
         f"{counts['already_present']} with another object at their key, {counts['duplicate']} duplicates, "
         f"{counts['unmatched']} unmatched, {counts['gone']} gone",
     ]
-    lines += [f"  of the uploaded, {count} went to bucket {bucket}, s3.bucket before" for bucket, count in report["uploaded_elsewhere"].items()]
+    lines += [f"  of the uploaded, {count} went to bucket {bucket}, the bucket configured before" for bucket, count in report["uploaded_elsewhere"].items()]
     lines += [
         "",
         "Pending: none" if not report["pending"] else f"Pending ({len(report['pending'])} most recent):",

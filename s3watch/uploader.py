@@ -116,7 +116,7 @@ class Outcome:
 
 
 # Renaming the file would break its images row, so the advice for a name that makes no valid key is the template.
-_TEMPLATE_ADVICE = "set s3.key_template to one without the file's name, such as {prefix}{image_id}-{md5}, and reload"
+_TEMPLATE_ADVICE = "set s3.key_template to one without the file's name, such as {prefix}{image_id}-{md5}.{ext}, and reload"
 
 
 def object_key(template: str, prefix: str, path: str, image_id: int | None, md5: str | None) -> str:

@@ -102,9 +102,14 @@ def verify(config: Config, requeue: bool) -> int:
     counts = Counter(finding.problem for finding in findings if finding.upload.status == "uploaded")
     summary = (f"checked {uploaded} uploaded {'object' if uploaded == 1 else 'objects'}: {uploaded - sum(counts.values())} as recorded, "
                f"{counts['missing']} missing, {counts['different']} different")
-    if len(uploads) > uploaded:
-        summary += f"; {_photos(len(uploads) - uploaded)} found another object at their key when uploaded"
+    occupied = len(uploads) - uploaded
+    if occupied:
+        freed = sum(1 for finding in findings if finding.upload.status == "already_present" and finding.requeue)
+        summary += (f"; {_photos(occupied)} found another object at {'its' if occupied == 1 else 'their'} key when uploaded, "
+                    f"{freed} of them can be sent now")
     print(summary)
+    if counts["different"]:
+        print("a different object is never overwritten: move or delete it, then run 's3watch verify --requeue' to upload the photo again")
 
     requeued = [finding for finding in findings if finding.requeue]
     if requeue and requeued:

@@ -124,7 +124,7 @@ def test_object_already_at_key_is_left_untouched(setup: Setup, agent: AgentProce
     assert url.returncode == 1 and "not uploaded" in url.stdout and "no copy" in url.stdout
     verify = run_cli("--config", str(setup.path), "verify")
     assert verify.returncode == 1
-    assert f"occupied  {day_path}" in verify.stdout and "1 photo found another object at their key" in verify.stdout
+    assert f"occupied  {day_path}" in verify.stdout and "1 photo found another object at its key when uploaded, 0 of them can be sent now" in verify.stdout
     assert "--requeue" not in verify.stdout.splitlines()[-1]  # a new upload cannot fix it while the object is there
 
     # Once the admin removes the other object, verify --requeue sends the photo.

@@ -46,7 +46,7 @@ def test_check_fails_on_keys_that_may_only_read(setup: Setup) -> None:
     setup.update("s3", access_key_id="test-reader", secret_access_key="test-reader-secret")
     result = run_cli("--config", str(setup.path), "check")
     assert result.returncode == 1, result.stdout
-    assert "FAILED: failed_code_403" in result.stdout
+    assert "FAILED: failed_code_403: the keys may list the bucket but not write to it: grant s3:PutObject" in result.stdout
 
 
 def test_check_fails_on_mistyped_upload_dir(setup: Setup, piwigo: PiwigoImitation) -> None:
