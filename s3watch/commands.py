@@ -173,7 +173,10 @@ def backfill(config: Config, arguments: argparse.Namespace) -> int:
 
 
 def url(config: Config, text: str) -> int:
-    """Print the download link of an uploaded photo (exit 0), or why it is not uploaded (exit 1)."""
+    """Print the download link of an uploaded photo (exit 0), or why it is not uploaded (exit 1).
+
+    Only the link goes to standard output, so that a script can take it from there.
+    """
     entry = parse_entry(1, text)
     if entry is None or (entry.path is None and entry.image_id is None):
         _error(f"invalid entry {text!r}: give a photo's path or id:1234")
@@ -201,7 +204,7 @@ def url(config: Config, text: str) -> int:
             # The photo may have been deleted in Piwigo since: its copy is what the admin is after.
             found = _path_of_image(state, entry.image_id)
             if found is None:
-                print(f"not uploaded: no images row with id {entry.image_id}, and s3watch has no record of that image")
+                print(f"not uploaded: no images row with id {entry.image_id}, and s3watch has no record of that image", file=sys.stderr)
                 return EXIT_FAILED
             print(f"note: image {entry.image_id} has no images row any more (deleted in Piwigo?); its record in the journal follows",
                   file=sys.stderr)
@@ -209,20 +212,20 @@ def url(config: Config, text: str) -> int:
     else:
         relative = Gallery(config.piwigo.root, config.piwigo.upload_dir).relative_path(entry.path or "")
         if relative is None:
-            print(f"not uploaded: {entry.path} is outside the gallery {config.piwigo.root}")
+            print(f"not uploaded: {entry.path} is outside the gallery {config.piwigo.root}", file=sys.stderr)
             return EXIT_FAILED
         path = relative
 
     upload = state.uploads.get(path)
     if upload is None:
         if entry.image_id is not None:
-            print(f"not uploaded: s3watch has no record of {path}, the file of images row {entry.image_id}: queue it with: s3watch enqueue id:{entry.image_id}")
+            print(f"not uploaded: s3watch has no record of {path}, the file of images row {entry.image_id}: queue it with: s3watch enqueue id:{entry.image_id}", file=sys.stderr)
         elif path.isdigit():
-            print(f"not uploaded: s3watch has no record of a file named {path}; for the photo with image id {path}, write id:{path}")
+            print(f"not uploaded: s3watch has no record of a file named {path}; for the photo with image id {path}, write id:{path}", file=sys.stderr)
         elif not (config.piwigo.root / path).exists():
-            print(f"not uploaded: s3watch has no record of {path}, and there is no such file in the gallery {config.piwigo.root}")
+            print(f"not uploaded: s3watch has no record of {path}, and there is no such file in the gallery {config.piwigo.root}", file=sys.stderr)
         else:
-            print(f"not uploaded: s3watch has no record of {path}; once it has an images row, queue it with: s3watch enqueue {path}")
+            print(f"not uploaded: s3watch has no record of {path}; once it has an images row, queue it with: s3watch enqueue {path}", file=sys.stderr)
         return EXIT_FAILED
 
     try:
@@ -260,6 +263,6 @@ def _explain(uploader: Uploader, upload: Upload) -> int:
     }
     if upload.status == "duplicate" and upload.duplicate_of:
         reasons["duplicate"] += f": {uploader.download_url(upload.duplicate_of)}"
-    print(reasons.get(upload.status, f"not uploaded: {upload.status}"))
+    print(reasons.get(upload.status, f"not uploaded: {upload.status}"), file=sys.stderr)
     return EXIT_FAILED
 

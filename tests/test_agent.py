@@ -121,7 +121,7 @@ def test_object_already_at_key_is_left_untouched(setup: Setup, agent: AgentProce
     assert [(item["status"], item["key"]) for item in report["problems"]] == [("already_present", day_path)]
     assert "this photo has no copy in the bucket" in report["problems"][0]["error"]
     url = run_cli("--config", str(setup.path), "url", day_path)
-    assert url.returncode == 1 and "not uploaded" in url.stdout and "no copy" in url.stdout
+    assert url.returncode == 1 and url.stdout == "" and "not uploaded" in url.stderr and "no copy" in url.stderr
     verify = run_cli("--config", str(setup.path), "verify")
     assert verify.returncode == 1
     assert f"occupied  {day_path}" in verify.stdout and "1 photo found another object at its key when uploaded, 0 of them can be sent now" in verify.stdout

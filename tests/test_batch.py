@@ -193,9 +193,10 @@ def test_url_command_explains_each_state(setup: Setup, agent: AgentProcess, piwi
 
     unknown = run_cli("--config", str(setup.path), "url", "upload/2020/01/01/none.jpg")
     assert unknown.returncode == 1
-    assert "no record of upload/2020/01/01/none.jpg, and there is no such file in the gallery" in unknown.stdout
+    assert "no record of upload/2020/01/01/none.jpg, and there is no such file in the gallery" in unknown.stderr
+    assert unknown.stdout == ""  # only a link goes to standard output
     bare = run_cli("--config", str(setup.path), "url", str(image_id))
-    assert bare.returncode == 1 and f"write id:{image_id}" in bare.stdout
+    assert bare.returncode == 1 and f"write id:{image_id}" in bare.stderr
 
     # A photo deleted in Piwigo keeps its copy, and its id still finds it.
     execute(database, f"DELETE FROM piwigo_images WHERE id = {image_id}")
@@ -203,7 +204,7 @@ def test_url_command_explains_each_state(setup: Setup, agent: AgentProcess, piwi
     assert deleted.returncode == 0 and deleted.stdout == by_id.stdout
     assert "has no images row any more" in deleted.stderr
     never = run_cli("--config", str(setup.path), "url", "id:999999")
-    assert never.returncode == 1 and "no images row with id 999999, and s3watch has no record of that image" in never.stdout
+    assert never.returncode == 1 and "no images row with id 999999, and s3watch has no record of that image" in never.stderr
 
     # Presigned links need credentials: without them, one line saying so.
     presigned = dict(setup.values["links"]) if "links" in setup.values else {}
@@ -224,12 +225,12 @@ def test_url_command_explains_each_state(setup: Setup, agent: AgentProcess, piwi
     unrecorded_id, unrecorded = photo(piwigo, 3)  # a row the stopped agent has not seen
     by_row = run_cli("--config", str(setup.path), "url", f"id:{unrecorded_id}")
     assert by_row.returncode == 1
-    assert f"no record of {unrecorded}, the file of images row {unrecorded_id}: queue it with: s3watch enqueue id:{unrecorded_id}" in by_row.stdout
+    assert f"no record of {unrecorded}, the file of images row {unrecorded_id}: queue it with: s3watch enqueue id:{unrecorded_id}" in by_row.stderr
 
     setup.update("s3", secret_access_key="wrong-secret")
     agent.start()
     _, failing = photo(piwigo, 2)
-    wait_for(lambda: "failed_code_403" in run_cli("--config", str(setup.path), "url", failing).stdout, what="the pending reason")
+    wait_for(lambda: "failed_code_403" in run_cli("--config", str(setup.path), "url", failing).stderr, what="the pending reason")
 
 
 def test_backfill_selectors_write_right_entries(setup: Setup, piwigo: PiwigoImitation, database: str) -> None:
