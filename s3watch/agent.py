@@ -864,7 +864,11 @@ class Agent:
                 log.error("list_failed", list=run.path.name, error=error.strerror)
                 self.current_list = None
                 return
-            log.info("list_processed", list=run.path.name, moved_to=str(moved), **run.counts)
+            if run.counts.get("rejected"):
+                log.warning("list_processed", list=run.path.name, moved_to=str(moved), **run.counts,
+                            hint=f"the report {moved.name}.report beside the list gives each rejected entry's reason")
+            else:
+                log.info("list_processed", list=run.path.name, moved_to=str(moved), **run.counts)
             self.current_list = None
 
     def _queue_formats_of(self, image_ids: list[int], source: str) -> None:

@@ -36,15 +36,30 @@ def _error(message: str) -> None:
     print(f"s3watch: error: {message}", file=sys.stderr)
 
 
-def _checked_entries(lines: Iterable[str], source: str) -> Iterator[str]:
-    """Yield the entries to write, raising UsageError for an entry that can never be valid."""
+def _checked_entries(lines: Iterable[str], source: str, gallery: Gallery) -> Iterator[str]:
+    """Yield the entries to write, raising UsageError for an entry the agent would certainly reject.
+
+    That is an invalid image id, a bare number (a path to no file, most likely meant as an id),
+    and a path outside the gallery, to no file, or to something else than a regular file. A
+    file this user may not read is left to the agent, which may.
+    """
     for number, line in enumerate(lines, start=1):
         entry = parse_entry(number, line)
         if entry is None:
             continue
+        where = f"argument {number}" if source == "argument" else f"{source} line {number}"
         if entry.path is None and entry.image_id is None:
-            where = f"argument {number}" if source == "argument" else f"{source} line {number}"
             raise UsageError(f"{where}: invalid image id {entry.text!r}: write id:1234")
+        if entry.path is not None:
+            if entry.path.isdigit():
+                raise UsageError(f"{where}: {entry.path!r} is read as a file's path: for the photo with image id {entry.path}, write id:{entry.path}")
+            relative = gallery.relative_path(entry.path)
+            problem = "outside the gallery" if relative is None else gallery.check_file(relative)
+            if problem == "no such file":
+                raise UsageError(f"{where}: {entry.path}: no such file in the gallery {gallery.root}: "
+                                 "paths start at the gallery root, as in upload/2024/05/14/20240514093000-1a2b3c4d.jpg")
+            if problem is not None and not problem.startswith("cannot be read"):
+                raise UsageError(f"{where}: {entry.path}: {problem}")
         yield entry.text
 
 
@@ -71,9 +86,10 @@ def enqueue(config: Config, entries: list[str], from_file: str | None) -> int:
     if not entries and from_file is None:
         _error("nothing to enqueue: give ENTRY arguments or --from FILE ('-' for standard input)")
         return EXIT_USAGE
-    sources: list[Iterable[str]] = [_checked_entries(entries, "argument")]
+    gallery = Gallery(config.piwigo.root, config.piwigo.upload_dir)
+    sources: list[Iterable[str]] = [_checked_entries(entries, "argument", gallery)]
     if from_file is not None:
-        sources.append(_checked_entries(_read_lines(from_file), "standard input" if from_file == "-" else from_file))
+        sources.append(_checked_entries(_read_lines(from_file), "standard input" if from_file == "-" else from_file, gallery))
     try:
         path, count = write_list(config.spool_dir, itertools.chain(*sources))
     except UsageError as error:

@@ -164,7 +164,16 @@ def test_enqueue_writes_list_and_rejects_bad_input(setup: Setup, agent: AgentPro
 
     bad = run_cli("--config", str(setup.path), "enqueue", path, "id:x1")
     assert bad.returncode == 2
-    assert "invalid image id 'id:x1'" in bad.stderr
+    assert "argument 2: invalid image id 'id:x1'" in bad.stderr
+    # Entries the agent would certainly reject are refused here, with the reason.
+    day_folder = path.rsplit("/", 1)[0]
+    for entry, reason in ((str(image_id), f"for the photo with image id {image_id}, write id:{image_id}"),
+                          (path.removeprefix("upload/"), "no such file in the gallery"),
+                          ("/etc/passwd", "outside the gallery"),
+                          (day_folder, "not a regular file")):
+        refused = run_cli("--config", str(setup.path), "enqueue", entry)
+        assert refused.returncode == 2, entry
+        assert reason in refused.stderr, refused.stderr
     assert not setup.spool_dir.exists() or not [p for p in setup.spool_dir.iterdir() if p.is_file()]
 
     result = run_cli("--config", str(setup.path), "enqueue", f"id:{image_id}")
