@@ -301,7 +301,8 @@ def _explain_mysql_error(error: Exception, settings: DatabaseSettings) -> str:
     code = error.args[0] if error.args and isinstance(error.args[0], int) else None
     where = settings.describe()
     if code == 1045:
-        return f"database login refused for {where}: check the user and password"
+        source = f" (the password is from {settings.password_source}, which takes precedence)" if settings.password_source else ""
+        return f"database login refused for {where}: check the user and password{source}"
     if code == 1049:
         return f"database {settings.database!r} not found on {where}: check the database name (db_base in Piwigo's database.inc.php, or the one in piwigo.database.url)"
     if code == 1044:

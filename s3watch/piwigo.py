@@ -40,6 +40,7 @@ class DatabaseSettings:
     password: str | None = None
     database: str | None = None
     sqlite_path: Path | None = None
+    password_source: str | None = None  # where the password came from when not from the usual place, for messages
 
     def describe(self) -> str:
         """Return where the database is, for messages; never includes the password."""
@@ -68,7 +69,7 @@ def database_settings(config: Config) -> DatabaseSettings:
         settings = read_database_inc(config.piwigo.root)
     password = read_credential("db_password")
     if password is not None and settings.kind == "mysql":
-        settings = replace(settings, password=password)
+        settings = replace(settings, password=password, password_source="the db_password credential in $CREDENTIALS_DIRECTORY")
     return settings
 
 
