@@ -1070,7 +1070,8 @@ class Agent:
         else:
             log.info(outcome.event, path=outcome.path, image_id=upload.image_id if upload else None,
                      key=outcome.key if outcome.event != "duplicate" else None, bytes=outcome.bytes, ms=outcome.ms,
-                     duplicate_of=outcome.duplicate_of, original=outcome.original, note=outcome.original_note)
+                     duplicate_of=outcome.duplicate_of, original=outcome.original, note=outcome.original_note,
+                     found_at_key=outcome.existing or None)
         if outcome.event in ("uploaded", "already_present", "duplicate") and self.blocked_code is not None:
             self._unblock("store answered again")
 

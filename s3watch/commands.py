@@ -264,7 +264,7 @@ def _explain(uploader: Uploader, upload: Upload) -> int:
     if upload.status == "uploaded" and upload.key:
         print(uploader.download_url(upload.key, upload.bucket))
         if upload.original == "as_uploaded":
-            print("bytes as uploaded (their md5 was the images row's md5sum when s3watch sent them)", file=sys.stderr)
+            print("bytes as uploaded (their md5 was the images row's md5sum when the upload was recorded)", file=sys.stderr)
         elif upload.original == "as_stored":
             print(f"bytes as stored, not as uploaded{': ' + upload.original_note if upload.original_note else ''}", file=sys.stderr)
         return EXIT_OK

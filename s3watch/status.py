@@ -145,7 +145,7 @@ def render_text(report: dict[str, Any]) -> str:
         kind = "  (extra format)" if item["kind"] == "format" else ""
         lines.append(f"  {item['time']}  {item['path']}  image {item['image_id']}{kind}  -> {item['key']}")
         if item["original"] == "as_uploaded":
-            lines.append("      bytes as uploaded (their md5 was the images row's md5sum when s3watch sent them)")
+            lines.append("      bytes as uploaded (their md5 was the images row's md5sum when the upload was recorded)")
         elif item["original"] == "as_stored":
             lines.append(f"      bytes as stored, not as uploaded{': ' + item['original_note'] if item['original_note'] else ''}")
         if item["status"] == "duplicate":

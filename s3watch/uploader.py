@@ -113,6 +113,7 @@ class Outcome:
     duplicate_of: str | None = None
     original: str | None = None  # "as_uploaded" when the bytes' md5 is the row's md5sum, else "as_stored"
     original_note: str | None = None
+    existing: bool = False  # the object was already at the key with this content: nothing was sent
 
 
 # Renaming the file would break its images row, so the advice for a name that makes no valid key is the template.
@@ -582,7 +583,7 @@ class Uploader:
         etag = str(head.get("ETag", "")).strip('"')
         same_content = metadata.get("md5") == md5 or etag == md5
         if same_content and int(head.get("ContentLength", -1)) == size:
-            return Outcome(path=request.path, event="uploaded", key=request.key, md5=md5, bytes=size, etag=etag)
+            return Outcome(path=request.path, event="uploaded", key=request.key, md5=md5, bytes=size, etag=etag, existing=True)
         return Outcome(path=request.path, event="already_present", key=request.key, md5=md5, bytes=size, etag=etag)
 
     def _head(self, key: str) -> dict[str, Any] | None:

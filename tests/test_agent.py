@@ -147,6 +147,7 @@ def test_object_with_same_content_at_key_counts_as_uploaded(setup: Setup, agent:
 
     wait_for(lambda: setup.upload_status(day_path) == "uploaded", what="uploaded")
     assert run_cli("--config", str(setup.path), "verify").returncode == 0
+    assert "found_at_key=True" in agent.log()
 
 
 @pytest.mark.parametrize("prevent", [True, False])
