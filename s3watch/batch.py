@@ -19,7 +19,7 @@ from .piwigo import row_path
 from .spool import REQUEUE_HEADER, Entry, iter_entries, move_done
 
 ALREADY_UPLOADED = frozenset({"uploaded", "duplicate"})
-# What a list from `s3watch verify --requeue` queues again, and why.
+# The statuses a list from `s3watch verify --requeue` queues again, with the reason for each.
 REQUEUED = {"uploaded": "requeued: the object was missing from the bucket",
             "already_present": "requeued: the other object at its key is gone"}
 ALREADY_QUEUED = frozenset({"pending"})

@@ -257,13 +257,13 @@ def _check(config: Config) -> int:
             print(f"bucket {config.s3.bucket} at {config.s3.endpoint_url or 'AWS S3'}: ok (write access not tested, because s3.conditional_writes is never)")
         else:
             try:
-                refuses_overwrites = uploader.probe_conditional_writes()
+                conditional = uploader.probe_conditional_writes()
             except UploadFailed as failure:
                 if failure.status == 403:
                     raise UploadFailed(403, "the keys may list the bucket but not write to it: grant s3:PutObject on the bucket",
                                        transient=False) from None
                 raise
-            if refuses_overwrites:
+            if conditional:
                 print(f"bucket {config.s3.bucket} at {config.s3.endpoint_url or 'AWS S3'}: ok (writable, refuses overwrites)")
             else:
                 print(f"bucket {config.s3.bucket} at {config.s3.endpoint_url or 'AWS S3'}: ok (writable; the store ignores If-None-Match, "

@@ -63,7 +63,7 @@ class UploadFailed(Exception):
         return f"failed_code_{self.status}"
 
 
-# What an `already_present` upload means and how to fix it, for the log, status, url and verify.
+# The meaning of an `already_present` upload and its fix, for the log, status, url and verify.
 ALREADY_PRESENT_HINT = ("another object was already at the key and was left untouched, so this photo has no copy in the bucket: "
                         "remove or move that object, then run 's3watch verify --requeue'")
 
@@ -157,7 +157,7 @@ def classify_error(error: Exception) -> UploadFailed:
         if code == "NoSuchBucket":
             return UploadFailed(404, f"bucket not found ({code}): check s3.bucket and s3.region", transient=False)
         if status == 404 and error.operation_name == "HeadBucket":
-            # A HEAD answer has no body, so a server that is not S3 at all looks the same.
+            # A response to HEAD has no body, so a server that is not S3 at all looks the same.
             return UploadFailed(404, f"bucket not found ({code}): check s3.bucket and s3.region, and that s3.endpoint_url is the S3 service",
                                 transient=False)
         if status == 403:
@@ -575,7 +575,7 @@ class Uploader:
         """Tell an object with this photo's content from someone else's object at the key.
 
         An object with the photo's md5 in its metadata is our own earlier upload (say, cut short
-        by a crash before its journal record). One whose ETag is the photo's md5 holds the same
+        by a crash before its journal record). One whose ETag is the photo's md5 contains the same
         bytes, put there by another tool; a multipart ETag, with a '-', is no md5. Either way the
         photo's bytes are in the bucket, and it counts as uploaded.
         """
