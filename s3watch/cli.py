@@ -248,13 +248,14 @@ def _check(config: Config) -> int:
         print(f"state directory {state}: FAILED: not writable by this user; create it and give this user write access")
         problems += 1
 
+    bucket = f"bucket {config.s3.bucket} at {config.s3.endpoint_url or 'AWS S3'}"
     try:
         uploader = Uploader(config.s3, config.uploads, config.links, config.piwigo.root)
         uploader.check_bucket()
         # The probe writes the same small object as the agent at its start: keys that may only
         # read and list pass the bucket check, and would fail every upload.
         if config.s3.conditional_writes == "never":
-            print(f"bucket {config.s3.bucket} at {config.s3.endpoint_url or 'AWS S3'}: ok (write access not tested, because s3.conditional_writes is never)")
+            print(f"{bucket}: ok (write access not tested, because s3.conditional_writes is never)")
         else:
             try:
                 conditional = uploader.probe_conditional_writes()
@@ -264,14 +265,14 @@ def _check(config: Config) -> int:
                                        transient=False) from None
                 raise
             if conditional:
-                print(f"bucket {config.s3.bucket} at {config.s3.endpoint_url or 'AWS S3'}: ok (writable, refuses overwrites)")
+                print(f"{bucket}: ok (writable, refuses overwrites)")
             else:
-                print(f"bucket {config.s3.bucket} at {config.s3.endpoint_url or 'AWS S3'}: ok (writable; the store ignores If-None-Match, "
+                print(f"{bucket}: ok (writable; the store ignores If-None-Match, "
                       "so s3watch checks for an existing object before each upload)")
             if config.links.mode == "public" and not config.links.base_url:
                 print(_public_link_line(uploader, config.s3.connect_timeout))
     except UploadFailed as failure:
-        print(f"bucket {config.s3.bucket} at {config.s3.endpoint_url or 'AWS S3'}: FAILED: {failure.code}: {failure.message}")
+        print(f"{bucket}: FAILED: {failure.code}: {failure.message}")
         problems += 1
 
     if problems:

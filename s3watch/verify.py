@@ -44,8 +44,8 @@ def check_object(uploader: Uploader, upload: Upload) -> Finding | None:
         head = uploader.client.head_object(Bucket=bucket, Key=upload.key)
     except botocore.exceptions.ClientError as error:
         if int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0) == 404:
-            gone = " any more: the other object that was there is gone" if occupied else ""
-            return Finding(upload, "missing", f"no object at {upload.key} in bucket {bucket}{gone}", requeue=True)
+            freed = " any more: the other object that was there is gone" if occupied else ""
+            return Finding(upload, "missing", f"no object at {upload.key} in bucket {bucket}{freed}", requeue=True)
         raise classify_error(error) from None
     except botocore.exceptions.BotoCoreError as error:
         raise classify_error(error) from None

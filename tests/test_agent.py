@@ -115,28 +115,34 @@ def test_object_already_at_key_is_left_untouched(setup: Setup, agent: AgentProce
     wait_for(lambda: setup.upload_status(day_path) == "already_present", what="already_present")
     assert object_bytes(seaweed, bucket, day_path) == b"someone else's object"
 
-    # The photo has no copy, and every command says so.
+    # The photo has no copy, and every command reports that.
     report = setup.status()
     assert report["uploaded"] == []
     assert [(item["status"], item["key"]) for item in report["problems"]] == [("already_present", day_path)]
     assert "this photo has no copy in the bucket" in report["problems"][0]["error"]
     url = run_cli("--config", str(setup.path), "url", day_path)
-    assert url.returncode == 1 and url.stdout == "" and "not uploaded" in url.stderr and "no copy" in url.stderr
+    assert url.returncode == 1
+    assert url.stdout == ""
+    assert "not uploaded" in url.stderr
+    assert "no copy" in url.stderr
     verify = run_cli("--config", str(setup.path), "verify")
     assert verify.returncode == 1
-    assert f"occupied  {day_path}" in verify.stdout and "1 photo found another object at its key when uploaded, 0 of them can be sent now" in verify.stdout
+    assert f"occupied  {day_path}" in verify.stdout
+    assert "1 photo found another object at its key when uploaded, 0 of them can be sent now" in verify.stdout
     assert "--requeue" not in verify.stdout.splitlines()[-1]  # a new upload cannot fix it while the object is there
 
     # Once the admin removes the other object, verify --requeue sends the photo.
     seaweed.client().delete_object(Bucket=bucket, Key=day_path)  # type: ignore[attr-defined]
     requeued = run_cli("--config", str(setup.path), "verify", "--requeue")
-    assert requeued.returncode == 1 and f"missing   {day_path}" in requeued.stdout and "queued 1 photo again" in requeued.stdout
+    assert requeued.returncode == 1
+    assert f"missing   {day_path}" in requeued.stdout
+    assert "queued 1 photo again" in requeued.stdout
     wait_for(lambda: setup.upload_status(day_path) == "uploaded", what="the photo uploaded after the other object was removed")
     assert object_bytes(seaweed, bucket, day_path) == data
     assert run_cli("--config", str(setup.path), "verify").returncode == 0
 
 
-def test_object_with_same_content_at_key_counts_as_uploaded(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation, seaweed: SeaweedFS,
+def test_same_content_at_key_is_uploaded(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation, seaweed: SeaweedFS,
                                                             bucket: str) -> None:
     # Another tool copied the photo before s3watch, without s3watch's metadata: its ETag is the md5.
     data = sample_photo(1)

@@ -205,15 +205,18 @@ def test_url_command_explains_each_state(setup: Setup, agent: AgentProcess, piwi
     assert "no record of upload/2020/01/01/none.jpg, and there is no such file in the gallery" in unknown.stderr
     assert unknown.stdout == ""  # only a link goes to standard output
     bare = run_cli("--config", str(setup.path), "url", str(image_id))
-    assert bare.returncode == 1 and f"write id:{image_id}" in bare.stderr
+    assert bare.returncode == 1
+    assert f"write id:{image_id}" in bare.stderr
 
     # A photo deleted in Piwigo keeps its copy, and its id still finds it.
     execute(database, f"DELETE FROM piwigo_images WHERE id = {image_id}")
     deleted = run_cli("--config", str(setup.path), "url", f"id:{image_id}")
-    assert deleted.returncode == 0 and deleted.stdout == by_id.stdout
+    assert deleted.returncode == 0
+    assert deleted.stdout == by_id.stdout
     assert "has no images row any more" in deleted.stderr
     never = run_cli("--config", str(setup.path), "url", "id:999999")
-    assert never.returncode == 1 and "no images row with id 999999, and s3watch has no record of that image" in never.stderr
+    assert never.returncode == 1
+    assert "no images row with id 999999, and s3watch has no record of that image" in never.stderr
 
     # Presigned links need credentials: without them, one line saying so.
     presigned = dict(setup.values["links"]) if "links" in setup.values else {}
@@ -222,11 +225,13 @@ def test_url_command_explains_each_state(setup: Setup, agent: AgentProcess, piwi
     setup.write()
     no_keys = run_cli("--config", str(setup.path), "url", f"./{path}",
                       env={"AWS_EC2_METADATA_DISABLED": "true", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent"})
-    assert no_keys.returncode == 1 and "Traceback" not in no_keys.stderr
+    assert no_keys.returncode == 1
+    assert "Traceback" not in no_keys.stderr
     assert f"no download link for {path}: no S3 credentials found" in no_keys.stderr
     status = run_cli("--config", str(setup.path), "status",
                      env={"AWS_EC2_METADATA_DISABLED": "true", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent"})
-    assert status.returncode == 0 and "  no download links: no S3 credentials found" in status.stdout
+    assert status.returncode == 0
+    assert "  no download links: no S3 credentials found" in status.stdout
     setup.values["links"] = presigned
     setup.update("s3", **keys)
 
@@ -274,7 +279,8 @@ def test_backfill_selectors_write_right_entries(setup: Setup, piwigo: PiwigoImit
     assert "6 photos selected (dry run: nothing queued;" in dry.stdout
     # An empty selection writes no list, which a running agent could otherwise pick up half removed.
     empty = run_cli("--config", str(setup.path), "backfill", "--ids", f"{ids[-1] + 1000}-{ids[-1] + 1001}")
-    assert empty.returncode == 0 and "0 photos selected: nothing queued" in empty.stdout
+    assert empty.returncode == 0
+    assert "0 photos selected: nothing queued" in empty.stdout
     assert not [p for p in setup.spool_dir.iterdir() if p.is_file()]
 
     for arguments, message in [((), "choose the photos"), (("--all", "--ids", "1-2"), "cannot be combined"),

@@ -101,7 +101,7 @@ def test_rewrite_before_copy_is_reported_not_mislabelled(resize_on: None, setup:
     assert "rewritten before it could be copied" in item["original_note"]
 
 
-def test_photo_added_while_stopped_says_why_it_is_as_stored(resize_on: None, setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation) -> None:
+def test_photo_added_while_stopped_has_reason(resize_on: None, setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation) -> None:
     agent.start()
     wait_until_resize_seen(agent)
     agent.stop()

@@ -203,7 +203,7 @@ def test_credentials_directory_supplies_secret(setup: Setup, tmp_path: Path) -> 
     missing = run_cli("--config", str(setup.path), "check", env={"CREDENTIALS_DIRECTORY": str(credentials)})
     assert missing.returncode == 2
     assert f"s3.secret_access_key (with the credentials in {credentials}: s3_access_key_id and s3_secret_access_key)" in missing.stderr
-    # A db_password credential takes precedence, and a refused login says where the password came from.
+    # A db_password credential takes precedence, and a rejected login names where the password came from.
     (credentials / "s3_secret_access_key").write_text(secret)
     (credentials / "db_password").write_text("not-the-password")
     refused = run_cli("--config", str(setup.path), "check", env={"CREDENTIALS_DIRECTORY": str(credentials)})

@@ -477,7 +477,7 @@ def test_buffered_log_flushes_worker_lines(monkeypatch: pytest.MonkeyPatch) -> N
         structlog.reset_defaults()
 
 
-def test_status_text_says_why_an_untried_upload_waits_and_keeps_one_line_per_entry() -> None:
+def test_status_text_waiting_and_control_characters() -> None:
     from s3watch.status import WAITING_FOR_STORE, render_text
 
     def pending(path: str, code: str, error: str) -> dict[str, Any]:
@@ -493,12 +493,13 @@ def test_status_text_says_why_an_untried_upload_waits_and_keeps_one_line_per_ent
 
     assert "upload/a.jpg  image 1  not tried yet: waiting while the store fails other uploads" in lines[3]
     assert lines[4].strip().startswith("failed_code_400")
-    assert "not tried yet" not in lines[4] and "upload/b\\n\\x1b[31m.jpg" in lines[4]
+    assert "not tried yet" not in lines[4]
+    assert "upload/b\\n\\x1b[31m.jpg" in lines[4]
     assert "contains control characters" in lines[5]
     assert len(lines) == 8  # counts, blank, heading, 3 lines of pending, blank, "Uploaded: none"
 
 
-def test_uploads_count_by_bucket_for_status_after_a_bucket_change() -> None:
+def test_status_counts_uploads_by_bucket() -> None:
     from s3watch.status import render_text
 
     state = JournalState()
