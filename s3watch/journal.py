@@ -373,10 +373,20 @@ class Uploads:
         return Counter({STATUS_BY_EVENT[_EVENTS[code]]: count for code, count in by_event.items()})
 
     def uploaded_buckets(self) -> Counter[str | None]:
-        """Count the uploaded photos by the bucket they went to, without unpacking them (None: not recorded in the head)."""
+        """Count the uploads by the bucket they went to (None: not recorded).
+
+        The bucket is read from the packed head, and from the unpacked record only for the
+        uploads whose head does not hold it: extra formats, uploads in parts, uploads that
+        failed before they went through.
+        """
         uploaded = _EVENT_CODES["uploaded"]
         codes = Counter(packed[2] for packed in self._finished.values() if packed[0] == uploaded)
-        return Counter({self._names[code]: count for code, count in codes.items()})
+        buckets = Counter({self._names[code]: count for code, count in codes.items() if code})
+        if codes[0]:
+            for path, packed in self._finished.items():
+                if packed[0] == uploaded and not packed[2]:
+                    buckets[self._unpack(path, packed).get("bucket")] += 1
+        return buckets
 
     def latest_finished(self, statuses: Collection[str], count: int) -> list[Upload]:
         """Return the `count` most recently finished uploads with one of `statuses`, newest first."""
@@ -393,6 +403,18 @@ class Uploads:
 
         latest = heapq.nlargest(count, stamped())
         return [self[path] for _ts, path in latest]
+
+    def last_uploaded(self) -> Upload | None:
+        """Return the upload that went to the bucket last, or None when none has.
+
+        Finished uploads are kept in the order they finished, so this looks only at the newest
+        few, not at every upload as latest_finished does.
+        """
+        uploaded = _EVENT_CODES["uploaded"]
+        for path, packed in reversed(self._finished.items()):
+            if packed[0] == uploaded:
+                return self[path]
+        return None
 
     def uploaded_content(self) -> Iterator[tuple[str, str]]:
         """Yield (md5, key) for every upload whose content went up, in the order they finished."""

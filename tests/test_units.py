@@ -508,10 +508,13 @@ def test_status_counts_uploads_by_bucket() -> None:
         state.apply({"ts": "2026-12-05T10:00:00.000Z", "event": "queued", "path": path, "image_id": number, "row_md5": "a" * 32, "source": "monitor"})
         state.apply({"ts": "2026-12-05T10:00:01.000Z", "event": "uploaded", "path": path, "key": path, "bucket": bucket, "md5": "a" * 32,
                      "etag": "a" * 32, "bytes": 1, "attempts": 1, "original": "as_uploaded"})
-    assert state.uploads.uploaded_buckets() == {"old-bucket": 2, "new-bucket": 1}
+    # An upload in parts: its ETag is not the md5, so its bucket is kept outside the packed head.
+    state.apply({"ts": "2026-12-05T10:00:02.000Z", "event": "uploaded", "path": "upload/big.tif", "key": "upload/big.tif", "bucket": "old-bucket",
+                 "md5": "b" * 32, "etag": "c" * 32 + "-3", "bytes": 3, "attempts": 1, "kind": "format", "format_id": 7})
+    assert state.uploads.uploaded_buckets() == {"old-bucket": 3, "new-bucket": 1}
 
     report = {
-        "bucket": "new-bucket", "links_error": None, "uploaded": [], "problems": [], "pending": [], "uploaded_elsewhere": {"old-bucket": 2},
+        "bucket": "new-bucket", "links_error": None, "uploaded": [], "problems": [], "pending": [], "uploaded_elsewhere": {"old-bucket": 3},
         "counts": dict.fromkeys(("uploaded", "pending", "failed", "waiting_for_row", "already_present", "duplicate", "unmatched", "gone"), 0),
     }
-    assert render_text(report).splitlines()[1] == "  of the uploaded, 2 went to bucket old-bucket, the bucket configured before"
+    assert render_text(report).splitlines()[1] == "  of the uploaded, 3 went to bucket old-bucket, the bucket configured before"
