@@ -61,6 +61,7 @@ FILE_BUSY_RETRY = 10.0  # seconds before a file that was still changing is tried
 JOURNAL_RETRY_INTERVAL = 5.0  # seconds between attempts to write the journal while the disk refuses
 METRICS_INTERVAL = 5.0  # seconds between updates of the gauges that need a scan
 STATUS_INTERVAL = 1.0  # seconds between STATUS= messages to systemd, which would otherwise get one per loop turn
+LAST_UPLOAD_FORMAT = "%Y-%m-%d %H:%M:%S"  # local time of the last upload in the STATUS= line
 
 
 class AgentError(Exception):
@@ -149,6 +150,8 @@ class Agent:
         self.formats_available = True  # False before Piwigo 13, which has no image_format table
         self.notifier = Notifier.from_environment()
         self.watchdog_interval = self.notifier.watchdog_interval()
+        # On the monotonic clock, unlike the loop's other deadlines: a step back of the wall
+        # clock must not hold the pings back until systemd kills a healthy agent.
         self.next_watchdog = 0.0
         self.next_status = 0.0
         self.status_due = False  # the status may have changed since the last one sent
@@ -234,6 +237,11 @@ class Agent:
         log.info("journal_read", records=state.records, from_snapshot=state.snapshot_records, uploads=len(state.uploads),
                  ms=round((time.monotonic() - started) * 1000))
 
+        # systemd's status line names the last upload from the start on, not only after the next one.
+        latest = state.uploads.last_uploaded()
+        if latest is not None:
+            self.last_upload_ts = time.strftime(LAST_UPLOAD_FORMAT, time.localtime(_epoch(latest.ts)))
+
     def _write_snapshot(self) -> None:
         """Save the journal's state, so that the next start need not replay every record."""
         assert self.journal is not None
@@ -254,9 +262,9 @@ class Agent:
         self.metrics = Metrics()
         # The last success survives a restart, so that an alert on its age does not fire on a quiet gallery.
         assert self.journal is not None
-        latest = self.journal.state.uploads.latest_finished(("uploaded",), 1)
-        if latest:
-            self.metrics.last_success.set(_epoch(latest[0].ts))
+        latest = self.journal.state.uploads.last_uploaded()
+        if latest is not None:
+            self.metrics.last_success.set(_epoch(latest.ts))
         try:
             self.metrics.serve(self.config.metrics.listen)
         except MetricsError as error:
@@ -434,7 +442,7 @@ class Agent:
         if self.blocked_code and (self.ready or self.ready_batch):
             deadlines.append(self.probe_at)
         if self.watchdog_interval is not None:
-            deadlines.append(self.next_watchdog)
+            deadlines.append(now + self.next_watchdog - time.monotonic())
         if self.status_due:
             deadlines.append(self.next_status)
         if self.journal_failing:
@@ -459,9 +467,9 @@ class Agent:
             self.status_due = now < self.next_status
             if not self.status_due and self.notifier.status(self._status_line()):
                 self.next_status = now + STATUS_INTERVAL
-        if self.watchdog_interval is not None and now >= self.next_watchdog:
+        if self.watchdog_interval is not None and time.monotonic() >= self.next_watchdog:
             self.notifier.watchdog()
-            self.next_watchdog = now + self.watchdog_interval
+            self.next_watchdog = time.monotonic() + self.watchdog_interval
         if self.metrics is not None and now >= self.next_metrics:
             self.next_metrics = now + METRICS_INTERVAL
             self._update_gauges(now)
@@ -1058,7 +1066,7 @@ class Agent:
             fields = {"error": outcome.error, "attempts": attempts}
         self.journal.append(outcome.event, outcome.path, **fields)
         if outcome.event == "uploaded":
-            self.last_upload_ts = time.strftime("%Y-%m-%d %H:%M:%S")
+            self.last_upload_ts = time.strftime(LAST_UPLOAD_FORMAT)
         self._forget_capture(upload)
         for waiting in self.waiting_for_parent.pop(outcome.path, []):
             self.ready.appendleft(waiting)

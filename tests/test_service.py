@@ -95,6 +95,14 @@ def test_notify_ready_status_watchdog_reload_stop(setup: Setup, agent: AgentProc
     assert agent.stop() == 0
     assert notify.has("STOPPING", "1", after=before) is not None
 
+    # After a restart the status names the last upload, read from the journal.
+    before = len(notify.messages)
+    agent.start()
+    wait_for(lambda: notify.has("READY", "1", after=before) is not None, what="READY=1 after the restart")
+    ready = notify.has("READY", "1", after=before)
+    assert ready is not None
+    assert "last upload 2" in notify.messages[ready]["STATUS"]
+
 
 def test_status_sent_once_a_second(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation, notify: NotifyListener) -> None:
     # Without the watchdog's pings the loop turns only for work and deadlines, such as the one
