@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
 
     commands.add_parser("run", help="run the agent in the foreground, as systemd does")
     check = commands.add_parser("check", help="validate the configuration and connect to the database and the bucket; exit 0 only when all is well")
-    check.add_argument("--offline", action="store_true", help="check the configuration, Piwigo's database settings and the folders only, without connecting (for ExecStartPre=)")
+    check.add_argument("--offline", action="store_true", help="check the configuration, Piwigo's database settings and the folders only, without connecting (the unit runs it before a reload)")
 
     config = commands.add_parser("config", help="configuration helpers")
     config_commands = config.add_subparsers(dest="config_command", metavar="ACTION")
@@ -103,7 +103,23 @@ def _config_path(arguments: argparse.Namespace) -> Path:
 
 
 def _error(message: str) -> None:
-    print(f"s3watch: error: {message}", file=sys.stderr)
+    _print_problem("error", message)
+
+
+def _warn(message: str) -> None:
+    _print_problem("warning", message)
+
+
+def _print_problem(kind: str, message: str) -> None:
+    """Print an error or warning line to standard error.
+
+    Under systemd, where standard error goes to the journal, the line starts with its syslog
+    priority (<3> error, <4> warning), so that `journalctl -p warning` shows why a start failed.
+    """
+    from .journald import journal_stream_connected
+
+    priority = {"error": "<3>", "warning": "<4>"}[kind] if journal_stream_connected(sys.stderr.fileno()) else ""
+    print(f"{priority}s3watch: {kind}: {message}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,11 +141,10 @@ def main(argv: list[str] | None = None) -> int:
 
         warning = exposed_secret_warning(config, holds_secret(config))
         if warning:
-            print(f"s3watch: warning: {warning}", file=sys.stderr)
+            _warn(warning)
         if arguments.command in ("status", "verify", "url") and _journal_missing(config):
             # Without a journal these report nothing, which would look like an empty queue.
-            print(f"s3watch: warning: no journal at {config.journal_path}: the agent has not run with this state_dir yet, or state_dir is wrong",
-                  file=sys.stderr)
+            _warn(f"no journal at {config.journal_path}: the agent has not run with this state_dir yet, or state_dir is wrong")
         if arguments.command == "run":
             return _run(config)
         if arguments.command == "check":

@@ -254,7 +254,7 @@ def test_metrics_endpoint_is_scraped(setup: Setup, agent: AgentProcess, piwigo: 
     assert abs(restored - float(last_success)) < 1.0  # the journal's time stamp has milliseconds
 
 
-def test_check_offline_fails_start_on_broken_config(setup: Setup) -> None:
+def test_check_offline_fails_on_broken_config(setup: Setup) -> None:
     good = run_cli("--config", str(setup.path), "check", "--offline")
     assert good.returncode == 0, good.stderr
     setup.values["piwigo"]["database"]["url"] = "mysql://u:pw@127.0.0.1:notaport/x"
@@ -262,6 +262,33 @@ def test_check_offline_fails_start_on_broken_config(setup: Setup) -> None:
     broken = run_cli("--config", str(setup.path), "check", "--offline")
     assert broken.returncode == 2
     assert "invalid port" in broken.stderr
+
+
+def test_run_broken_config_error_priority(setup: Setup, tmp_path: Path) -> None:
+    # The unit has no ExecStartPre= check, whose failure systemd would restart every RestartSec
+    # forever: RestartPreventExitStatus= applies only to the main process. run checks the
+    # configuration itself and exits 2.
+    unit = (ROOT / "systemd" / "s3watch.service").read_text()
+    directives = [line.split("=", 1)[0] for line in unit.splitlines() if line and not line.startswith("#")]
+    assert "ExecStartPre" not in directives
+    assert "RestartPreventExitStatus=2" in unit.splitlines()
+
+    setup.values["piwigo"]["database"]["url"] = "mysql://u:pw@127.0.0.1:notaport/x"
+    setup.write()
+    errors = tmp_path / "stderr"
+    with open(errors, "w") as stream:
+        # As systemd connects it: $JOURNAL_STREAM names standard error's device and inode.
+        identity = os.fstat(stream.fileno())
+        result = subprocess.run([sys.executable, "-m", "s3watch", "--config", str(setup.path), "run"], stdout=subprocess.DEVNULL, stderr=stream,
+                                env={**os.environ, "JOURNAL_STREAM": f"{identity.st_dev}:{identity.st_ino}"}, timeout=120)
+    assert result.returncode == 2
+    # journald takes <3> as the line's priority, so `journalctl -p warning` shows why the start failed.
+    assert errors.read_text().startswith("<3>s3watch: error: ")
+    assert "invalid port" in errors.read_text()
+
+    plain = run_cli("--config", str(setup.path), "run")
+    assert plain.returncode == 2
+    assert plain.stderr.startswith("s3watch: error: ")
 
 
 def test_config_generate_matches_example(tmp_path: Path) -> None:
