@@ -254,14 +254,9 @@ def _check(config: Config) -> int:
     else:
         print(f"upload directory {upload}: not created yet (Piwigo creates it at the first upload)")
 
-    state = config.state_dir
-    if state.is_dir() and os.access(state, os.W_OK | os.X_OK):
-        print(f"state directory {state}: ok")
-    elif not state.exists() and os.access(_existing_parent(state), os.W_OK | os.X_OK):
-        print(f"state directory {state}: ok (created at the first run)")
-    else:
-        print(f"state directory {state}: FAILED: not writable by this user; create it and give this user write access")
-        problems += 1
+    line, failed = _folder_line("state directory", config.state_dir)
+    print(line)
+    problems += failed
 
     bucket = f"bucket {config.s3.bucket} at {config.s3.endpoint_url or 'AWS S3'}"
     try:
@@ -324,10 +319,38 @@ def _check_offline(config: Config) -> int:
     settings = database_settings(config)  # a ConfigError here exits 2 with the reason
     print(f"configuration {config.source}: ok (database {settings.describe()}, bucket {config.s3.bucket})")
     for name, folder in (("state directory", config.state_dir), ("spool directory", config.spool_dir)):
-        if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
-            print(f"{name} {folder}: FAILED: not writable by this user; give this user write access")
-            return EXIT_FAILED
+        if folder.is_dir():
+            line, failed = _folder_line(name, folder)
+            if failed:
+                print(line)
+                return EXIT_FAILED
     return EXIT_OK
+
+
+def _folder_line(name: str, folder: Path) -> tuple[str, bool]:
+    """Check that the agent can write to `folder`; return check's line for it and whether that is a failure.
+
+    A folder that belongs to another user is that user's to write: a member of the service's
+    group checks the setup of a folder owned by the service user. That is a note, not a failure.
+    """
+    if folder.is_dir() and os.access(folder, os.W_OK | os.X_OK):
+        return f"{name} {folder}: ok", False
+    if folder.is_dir() and folder.stat().st_uid != os.geteuid():
+        owner = _user_name(folder.stat().st_uid)
+        return f"{name} {folder}: ok for its owner {owner}, who must be the user that runs the agent (this user may not write to it)", False
+    if not folder.exists() and os.access(_existing_parent(folder), os.W_OK | os.X_OK):
+        return f"{name} {folder}: ok (created at the first run)", False
+    return f"{name} {folder}: FAILED: not writable by this user; create it and give the user that runs the agent write access", True
+
+
+def _user_name(uid: int) -> str:
+    """Return the name of the user with `uid`, or the number when it has none."""
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 def _generate(output: Path | None) -> int:

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sqlite3
+import tempfile
 from pathlib import Path
+from typing import Any, Callable
 
+import pytest
+
+from s3watch.cli import _folder_line
 from s3watch.demo import PiwigoImitation, sample_photo
 
 from .conftest import TEST_DB_PASSWORD, AgentProcess, Setup, run_cli, wait_for
@@ -133,3 +140,45 @@ def test_status_without_journal_warns(setup: Setup) -> None:
         result = run_cli("--config", str(setup.path), *command)
         assert f"s3watch: warning: no journal at {setup.path.parent / 'mistyped-state' / 'journal.jsonl'}" in result.stderr, command
         assert "or state_dir is wrong" in result.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="checking as another user needs root")
+def test_check_folder_of_other_user() -> None:
+    # A member of the service's group checks a state directory that only the service user may write to.
+    base = Path(tempfile.mkdtemp(prefix="s3watch-owner-"))
+    try:
+        base.chmod(0o755)
+        state = base / "state"
+        state.mkdir(mode=0o750)  # root's, as /var/lib/s3watch is the service user's
+        owned, missing = as_user(65534, lambda: (_folder_line("state directory", state), _folder_line("state directory", base / "missing")))
+    finally:
+        shutil.rmtree(base)
+
+    assert owned == [f"state directory {state}: ok for its owner root, who must be the user that runs the agent (this user may not write to it)", False]
+    # A missing folder this user cannot create stays a failure.
+    assert missing[0].startswith(f"state directory {base / 'missing'}: FAILED: not writable by this user")
+    assert missing[1] is True
+
+
+def as_user(uid: int, work: Callable[[], Any]) -> Any:
+    """Return what `work` returns when run in a child process as user and group `uid`, without supplementary groups.
+
+    A forked child, because this interpreter may lie where that user cannot start it (under /root).
+    """
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:
+        try:
+            os.close(reader)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            os.write(writer, json.dumps(work()).encode())
+        finally:
+            os._exit(0)
+    os.close(writer)
+    with os.fdopen(reader, "rb") as pipe:
+        data = pipe.read()
+    os.waitpid(child, 0)
+    assert data, "the child process failed"
+    return json.loads(data)
