@@ -136,7 +136,12 @@ def main(argv: list[str] | None = None) -> int:
             return run_demo(arguments.dir, arguments.photos)
         if arguments.command == "config":
             return _generate(arguments.output)
-        config = load_config(_config_path(arguments))
+        offline = arguments.command == "check" and arguments.offline
+        if offline:
+            # check --offline needs no secret. systemd 252 gives ExecReload= commands
+            # $CREDENTIALS_DIRECTORY but not the folder, so reading it would fail every reload.
+            os.environ.pop("CREDENTIALS_DIRECTORY", None)
+        config = load_config(_config_path(arguments), credentials=not offline)
         from .config import exposed_secret_warning, holds_secret
 
         warning = exposed_secret_warning(config, holds_secret(config))
@@ -148,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         if arguments.command == "run":
             return _run(config)
         if arguments.command == "check":
-            return _check_offline(config) if arguments.offline else _check(config)
+            return _check_offline(config) if offline else _check(config)
         if arguments.command == "status":
             return _status(config, arguments.json)
         if arguments.command == "journal":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import stat
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -401,11 +402,13 @@ def _apply_schema(schema: dict[str, Any], data: Any, where: str, file: Path) -> 
     return result
 
 
-def parse_config(text: str, source: Path) -> Config:
+def parse_config(text: str, source: Path, credentials: bool = True) -> Config:
     """Parse and validate configuration text; `source` names the file in messages.
 
     Returns the typed configuration with every default filled in, and the S3 keys taken from
-    systemd credentials where present (see `apply_credentials`). Raises ConfigError for
+    systemd credentials where present (see `apply_credentials`). With `credentials` False,
+    systemd credentials are left out, and so is the check that both S3 keys are given, which
+    may be half in the YAML file and half in a credential. Raises ConfigError for
     unparseable YAML and for any invalid, unknown or missing key. Folders are not checked
     here (see `check_folders`), so a configuration can be validated on another machine.
     """
@@ -449,6 +452,8 @@ def parse_config(text: str, source: Path) -> Config:
         spool_dir=Path(values["spool_dir"]),
         source=source,
     )
+    if not credentials:
+        return config
     config = apply_credentials(config)
     if (config.s3.access_key_id is None) != (config.s3.secret_access_key is None):
         directory = os.environ.get("CREDENTIALS_DIRECTORY")
@@ -457,11 +462,12 @@ def parse_config(text: str, source: Path) -> Config:
     return config
 
 
-def load_config(path: Path) -> Config:
+def load_config(path: Path, credentials: bool = True) -> Config:
     """Read, parse and validate the configuration file at `path`.
 
-    Returns the typed configuration. Raises ConfigError when the file is missing,
-    unreadable or invalid, or when the gallery folders it names cannot be read.
+    Returns the typed configuration, without systemd credentials when `credentials` is False
+    (see `parse_config`). Raises ConfigError when the file is missing, unreadable or invalid,
+    or when the gallery folders it names cannot be read.
     """
     try:
         text = path.read_text(encoding="utf-8")
@@ -474,7 +480,7 @@ def load_config(path: Path) -> Config:
     except UnicodeDecodeError:
         raise ConfigError(f"configuration file {path} is not UTF-8 text: save it as UTF-8") from None
 
-    config = parse_config(text, path)
+    config = parse_config(text, path, credentials)
     check_folders(config)
     return config
 
@@ -514,7 +520,14 @@ def read_credential(name: str) -> str | None:
     directory = os.environ.get("CREDENTIALS_DIRECTORY")
     if not directory:
         return None
-    if not os.path.isdir(directory):
+    try:
+        folder = stat.S_ISDIR(os.stat(directory).st_mode)
+    except FileNotFoundError:
+        folder = False
+    except OSError as error:
+        raise ConfigError(f"CREDENTIALS_DIRECTORY {directory} could not be read ({error.strerror}): "
+                          "run this command as root or as the service's user, or unset it") from None
+    if not folder:
         raise ConfigError(f"CREDENTIALS_DIRECTORY {directory} is not a folder: set it to the folder holding the credential files, or unset it")
     path = Path(directory) / name
     try:
@@ -522,7 +535,9 @@ def read_credential(name: str) -> str | None:
     except FileNotFoundError:
         return None
     except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"credential {path} could not be read ({getattr(error, 'strerror', None) or 'not UTF-8'}): check LoadCredential= in the unit") from None
+        reason = getattr(error, "strerror", None) or "not UTF-8"
+        raise ConfigError(f"credential {path} could not be read ({reason}): run this command as root, "
+                          "or check the file and LoadCredential= in the unit") from None
 
 
 def apply_credentials(config: Config) -> Config:
