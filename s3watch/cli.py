@@ -138,8 +138,9 @@ def main(argv: list[str] | None = None) -> int:
             return _generate(arguments.output)
         offline = arguments.command == "check" and arguments.offline
         if offline:
-            # check --offline needs no secret. systemd 252 gives ExecReload= commands
-            # $CREDENTIALS_DIRECTORY but not the folder, so reading it would fail every reload.
+            # check --offline needs no secret. In a unit with its own mount namespace, systemd
+            # gives ExecReload= commands $CREDENTIALS_DIRECTORY but not the folder (seen with 252;
+            # github.com/systemd/systemd/issues/35227), so reading it would fail every reload.
             os.environ.pop("CREDENTIALS_DIRECTORY", None)
         config = load_config(_config_path(arguments), credentials=not offline)
         from .config import exposed_secret_warning, holds_secret

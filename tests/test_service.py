@@ -221,8 +221,8 @@ def test_credentials_directory_supplies_secret(setup: Setup, tmp_path: Path) -> 
     assert nowhere.returncode == 2
     assert f"CREDENTIALS_DIRECTORY {tmp_path / 'nowhere'} is not a folder" in nowhere.stderr
 
-    # The unit's reload runs check --offline, which reads no credential: systemd 252 gives
-    # ExecReload= the variable but not the folder. The access key id may stay in the YAML file.
+    # The unit's reload runs check --offline, which reads no credential, because systemd may
+    # give ExecReload= the variable but not the folder. The access key id may stay in the YAML file.
     offline = run_cli("--config", str(setup.path), "check", "--offline", env={"CREDENTIALS_DIRECTORY": str(tmp_path / "nowhere")})
     assert offline.returncode == 0, offline.stderr
 
