@@ -168,7 +168,8 @@ def classify_error(error: Exception) -> UploadFailed:
         return UploadFailed(status, f"{code or 'error'}: {message}", transient=transient)
     if isinstance(error, (botocore.exceptions.NoCredentialsError, botocore.exceptions.PartialCredentialsError)):
         return UploadFailed(403, "no S3 credentials found: set s3.access_key_id and s3.secret_access_key, or pass them as systemd credentials "
-                                 "(s3_access_key_id and s3_secret_access_key in $CREDENTIALS_DIRECTORY)", transient=False)
+                                 "(s3_access_key_id and s3_secret_access_key in $CREDENTIALS_DIRECTORY; by hand: "
+                                 "sudo CREDENTIALS_DIRECTORY=/etc/s3watch/credentials s3watch ...)", transient=False)
     if isinstance(error, botocore.exceptions.SSLError):
         return UploadFailed(0, f"TLS with the S3 endpoint failed ({error}): use https:// in s3.endpoint_url only for an endpoint that "
                                "speaks TLS, with a certificate this machine trusts", transient=True)
