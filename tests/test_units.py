@@ -288,6 +288,9 @@ def test_finished_upload_unpacks_as_recorded(changes: dict[str, object]) -> None
     finished = {name: value for name, value in {**UPLOADED, **changes}.items() if value is not None}  # None: no such field
     path = finished["path"]
     uploads = Uploads()
+    # A usual upload first, so that the case below may take the short way of packing, which needs the names' codes known.
+    uploads.apply("upload/first.jpg", {**QUEUED, "path": "upload/first.jpg"}, finished=False)
+    uploads.apply("upload/first.jpg", {**UPLOADED, "path": "upload/first.jpg", "key": "upload/first.jpg"}, finished=True)
 
     uploads.apply(path, dict(queued), finished=False)
     uploads.apply(path, dict(finished), finished=True)
@@ -312,6 +315,20 @@ def test_packed_upload_is_small() -> None:
     uploads.apply(PHOTO, dict(QUEUED), finished=False)
     uploads.apply(PHOTO, dict(UPLOADED), finished=True)
     assert len(uploads._finished[PHOTO]) < 100
+
+
+def test_usual_upload_packs_same_both_ways() -> None:
+    uploads = Uploads()
+    other = "upload/2015/01/01/other.jpg"
+
+    # The first upload is packed the general way, which learns the codes of its bucket, source
+    # and original; the second, with the same fields, the short way.
+    for path in (PHOTO, other):
+        uploads.apply(path, {**QUEUED, "path": path}, finished=False)
+        uploads.apply(path, {**UPLOADED, "path": path, "key": path}, finished=True)
+
+    assert uploads._finished[other] == uploads._finished[PHOTO]
+    assert uploads.record_of(other) == {**QUEUED, **UPLOADED, "path": other, "key": other}
 
 
 def test_finished_upload_requeued_starts_again(tmp_path: Path) -> None:
