@@ -418,7 +418,9 @@ def parse_config(text: str, source: Path, credentials: bool = True) -> Config:
         mark = getattr(error, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark is not None else ""
         problem = getattr(error, "problem", None) or "invalid YAML"
-        raise ConfigError(f"{source}{line}: could not parse YAML ({problem}): fix the syntax there") from None
+        # YAML notices a wrong indentation only at the next key, so the line given may be below the mistake.
+        raise ConfigError(f"{source}{line}: could not parse YAML ({problem}): fix the syntax there or in the lines above, "
+                          "indentation included") from None
 
     values = _apply_schema(SCHEMA, data, "", source)
 

@@ -39,6 +39,9 @@ def test_minimal_config_gets_documented_defaults() -> None:
     ("text", "message"),
     [
         ("piwigo: [", "could not parse YAML"),
+        # The mistake is on line 6, and YAML notices it on line 7: the message points above too.
+        (MINIMAL + "uploads:\n    workers: 2\n  attempts: 5\n", "line 7: could not parse YAML (expected <block end>, but found '<block mapping start>'): "
+                                                           "fix the syntax there or in the lines above, indentation included"),
         ("- a\n- b\n", "the top level must be a mapping"),
         (MINIMAL + "s3x: {}\n", "unknown key 's3x' (did you mean 's3'?)"),
         (MINIMAL.replace("bucket:", "buckt: x\n  bucket:"), "unknown key 's3.buckt' (did you mean 's3.bucket'?)"),
