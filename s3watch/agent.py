@@ -8,6 +8,7 @@ change is made, journalled and fsynced in one place, in order.
 from __future__ import annotations
 
 import fcntl
+import functools
 import math
 import os
 import queue
@@ -186,6 +187,7 @@ class Agent:
         lock_fd = acquire_lock(config.state_dir)
         try:
             self._open_journal()
+            assert self.journal is not None
             self._clean_up_originals()
             self._start_database()
             self.uploader = Uploader(config.s3, config.uploads, config.links, config.piwigo.root, stop=self.abort_event,
@@ -962,7 +964,7 @@ class Agent:
                 self.probe_path = path
                 self.probe_at = now + self.probe_delay
             future = self.workers.submit(self._upload, request)
-            future.add_done_callback(lambda done, path=path: self._crashed_worker(done, path))
+            future.add_done_callback(functools.partial(self._crashed_worker, path=path))
             free -= 1
 
     def _request(self, upload: Upload, key: str) -> UploadRequest:

@@ -10,6 +10,7 @@ import threading
 from typing import Any, TextIO
 
 import structlog
+from structlog.typing import EventDict, WrappedLogger
 
 # sd-daemon(3) priority prefixes: systemd reads "<N>" at the start of a line as the line's
 # syslog priority, so `journalctl -p warning` shows only problems.
@@ -44,7 +45,7 @@ class EventLineRenderer:
         self.priority_prefix = priority_prefix
         self.show_level = show_level
 
-    def __call__(self, _logger: Any, _name: str, event_dict: dict[str, Any]) -> str:
+    def __call__(self, _logger: WrappedLogger, _name: str, event_dict: EventDict) -> str:
         level = event_dict.pop("level", "info")
         event = event_dict.pop("event", "")
         timestamp = event_dict.pop("timestamp", None)

@@ -138,7 +138,7 @@ def read_database_inc(root: Path) -> DatabaseSettings:
     missing = [name for name in ("db_base", "db_user", "db_host") if name not in values]
     if prefix is None:
         missing.append("$prefixeTable")
-    if missing:
+    if missing or prefix is None:
         raise ConfigError(f"{path} could not be parsed: missing {', '.join(missing)}; set piwigo.database.url instead")
     table_prefix = _php_unescape(prefix.group(1), prefix.group(2))
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import boto3
 import botocore.exceptions
@@ -122,7 +123,7 @@ class SeaweedFS:
         self.stop()
         raise SeaweedError(f"SeaweedFS did not respond within {timeout:g} s; see {self.log_path}")
 
-    def client(self) -> object:
+    def client(self) -> Any:
         """Return a boto3 S3 client with this server's credentials."""
         return boto3.client(
             "s3", endpoint_url=self.endpoint_url, aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,

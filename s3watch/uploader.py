@@ -21,7 +21,7 @@ import botocore.exceptions
 import botocore.utils
 import structlog
 from botocore.config import Config as BotoConfig
-from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, stop_any, wait_random_exponential
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, stop_when_event_set, wait_random_exponential
 
 from .config import LinksConfig, S3Config, UploadsConfig
 
@@ -221,7 +221,7 @@ def open_original(root: Path, path: str, allowed: Collection[str] | None = None)
     return os.fdopen(fd, "rb"), info.st_size
 
 
-def _read_body(handle: BinaryIO, path: str, in_memory_limit: int) -> tuple[Body, str, int, os.stat_result]:
+def _read_body(handle: BinaryIO, path: str | Path, in_memory_limit: int) -> tuple[Body, str, int, os.stat_result]:
     """Read an open file from its start for its md5 and size, and return what to send.
 
     Returns (body, md5, size, the file's status after the read). A file of at most
@@ -375,13 +375,17 @@ class Uploader:
         self._store_lock = threading.Lock()
         # One Retrying serves every worker: tenacity keeps a call's state and statistics per thread.
         self._retrying = Retrying(
-            stop=stop_any(stop_after_attempt(uploads.attempts), lambda _state: self._stop.is_set()),
+            stop=stop_after_attempt(uploads.attempts) | stop_when_event_set(self._stop),
             wait=wait_random_exponential(multiplier=0.5, max=30),
             retry=retry_if_exception(_worth_retrying),
             before_sleep=_log_retry,
-            sleep=self._stop.wait,
+            sleep=self._sleep,
             reraise=True,
         )
+
+    def _sleep(self, seconds: float) -> None:
+        """Wait `seconds` between two attempts of an upload, or less when the agent stops (tenacity's sleep)."""
+        self._stop.wait(seconds)
 
     # Checks -------------------------------------------------------------------------------
 
