@@ -9,9 +9,9 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .batch import Gallery, album_with_descendants
+from .batch import ALREADY_QUEUED, ALREADY_UPLOADED, Gallery, album_with_descendants
 from .config import Config
-from .database import DatabaseError, ImagesTable
+from .database import DatabaseError, ImageRow, ImagesTable
 from .journal import JournalError, JournalState, Upload, read_journal
 from .piwigo import database_settings, row_path
 from .spool import SpoolError, parse_entry, write_list
@@ -161,17 +161,18 @@ def backfill(config: Config, arguments: argparse.Namespace) -> int:
                 return EXIT_USAGE
             albums = album_with_descendants(tree, arguments.album) if arguments.recursive else [arguments.album]
         rows = table.iter_rows(since=since, id_range=id_range, album_ids=albums)
+        selection = _Selection(rows, _journal_or_none(config))
 
         if arguments.dry_run:
-            count = 0
-            for row in rows:
-                if count < DRY_RUN_SHOWN:
-                    print(f"id:{row.id}\t{row_path(row.path)}")
-                count += 1
-            print(f"{_plural(count, 'photo')} selected (dry run: nothing queued; photos already uploaded or queued are skipped when the agent reads the list)")
+            for row in itertools.islice(selection, DRY_RUN_SHOWN):
+                print(f"id:{row.id}\t{row_path(row.path)}")
+            for _row in selection:
+                pass
+            later = "" if selection.journal_read else "; photos already uploaded or queued are skipped when the agent reads the list"
+            print(f"{selection.summary()} (dry run: nothing queued{later})")
             return EXIT_OK
 
-        path, count = write_list(config.spool_dir, (f"id:{row.id}" for row in rows), keep_empty=False)
+        path, count = write_list(config.spool_dir, (f"id:{row.id}" for row in selection), keep_empty=False)
     except DatabaseError as error:
         _error(str(error))
         return EXIT_FAILED
@@ -182,10 +183,56 @@ def backfill(config: Config, arguments: argparse.Namespace) -> int:
         table.close()
 
     if count == 0:
-        print("0 photos selected: nothing queued")
+        print(f"{selection.summary()}: nothing queued")
         return EXIT_OK
+    print(selection.summary())
     _announce_list(path, count)
     return EXIT_OK
+
+
+class _Selection:
+    """The rows backfill selected, without the photos the journal already has as uploaded or queued.
+
+    The agent would skip those when it reads the list. Leaving them out makes a second backfill
+    of the same photos write no list and print why. Iterating yields the rows left; the counts
+    are complete once it ends.
+    """
+
+    def __init__(self, rows: Iterable[ImageRow], state: JournalState | None) -> None:
+        self._rows = iter(rows)
+        self._state = state
+        self.journal_read = state is not None
+        self.selected = 0
+        self.left_out = {"already uploaded": 0, "already queued": 0}
+
+    def __iter__(self) -> Iterator[ImageRow]:
+        return self
+
+    def __next__(self) -> ImageRow:
+        while True:
+            row = next(self._rows)
+            self.selected += 1
+            upload = self._state.uploads.get(row_path(row.path)) if self._state is not None else None
+            if upload is not None and upload.status in ALREADY_UPLOADED:
+                self.left_out["already uploaded"] += 1
+            elif upload is not None and upload.status in ALREADY_QUEUED:
+                self.left_out["already queued"] += 1
+            else:
+                return row
+
+    def summary(self) -> str:
+        """Return the line that counts the selected photos and those left out, such as '12 photos selected, 10 already uploaded'."""
+        parts = [f"{count} {reason}" for reason, count in self.left_out.items() if count]
+        return ", ".join([f"{_plural(self.selected, 'photo')} selected", *parts])
+
+
+def _journal_or_none(config: Config) -> JournalState | None:
+    """Return the journal's state, or None when this user cannot read it: the agent then does the skipping alone."""
+    try:
+        state, _ = read_journal(config.journal_path)
+    except JournalError:
+        return None
+    return state
 
 
 def url(config: Config, text: str) -> int:

@@ -276,7 +276,7 @@ def test_backfill_selectors_write_right_entries(setup: Setup, piwigo: PiwigoImit
     dry = run_cli("--config", str(setup.path), "backfill", "--all", "--dry-run")
     assert dry.returncode == 0
     assert f"id:{ids[0]}\t" in dry.stdout
-    assert "6 photos selected (dry run: nothing queued;" in dry.stdout
+    assert "6 photos selected (dry run: nothing queued)" in dry.stdout
     # An empty selection writes no list, which a running agent could otherwise pick up half removed.
     empty = run_cli("--config", str(setup.path), "backfill", "--ids", f"{ids[-1] + 1000}-{ids[-1] + 1001}")
     assert empty.returncode == 0
@@ -314,6 +314,20 @@ def test_backfilled_photos_upload_with_monitoring_off(setup: Setup, agent: Agent
     pending = setup.status()
     assert pending["counts"]["uploaded"] == 3
     assert {item["path"] for item in pending["uploaded"]} == set(paths)
+
+    # A second backfill leaves out what the journal has as uploaded, and says so.
+    lists_before = sorted(p.name for p in setup.spool_dir.iterdir() if p.is_file())
+    newest = photo(piwigo, 3)[1]
+    dry = run_cli("--config", str(setup.path), "backfill", "--all", "--dry-run")
+    assert "4 photos selected, 3 already uploaded (dry run: nothing queued)" in dry.stdout
+    again = run_cli("--config", str(setup.path), "backfill", "--all")
+    assert again.returncode == 0, again.stderr
+    assert "4 photos selected, 3 already uploaded" in again.stdout
+    assert "wrote 1 entry to" in again.stdout
+    wait_for(lambda: setup.upload_status(newest) == "uploaded", what="the photo added since")
+    nothing = run_cli("--config", str(setup.path), "backfill", "--all")
+    assert "4 photos selected, 4 already uploaded: nothing queued" in nothing.stdout
+    assert sorted(p.name for p in setup.spool_dir.iterdir() if p.is_file()) == lists_before
 
 
 def test_tagged_photo_is_queued_and_uploaded(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation, database: str, seaweed: SeaweedFS, bucket: str) -> None:
