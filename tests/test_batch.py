@@ -10,8 +10,11 @@ from pathlib import Path
 import pymysql
 import pytest
 
+from s3watch.config import load_config
 from s3watch.demo import PiwigoImitation, sample_photo
 from s3watch.seaweed import SeaweedFS
+from s3watch.uploader import Uploader
+from s3watch.verify import listed_objects
 
 from .conftest import MARIADB, AgentProcess, Setup, run_cli, wait_for
 
@@ -368,6 +371,11 @@ def test_verify_finds_deleted_and_altered_objects(setup: Setup, agent: AgentProc
     clean = run_cli("--config", str(setup.path), "verify")
     assert clean.returncode == 0, clean.stdout + clean.stderr
     assert "checked 5 uploaded objects: 5 as recorded, 0 missing, 0 different" in clean.stdout
+    # verify takes sizes and ETags from a listing, and sends a HEAD only for what the listing does not confirm.
+    config = load_config(setup.path)
+    uploads = [upload for upload in setup.journal().uploads.values() if upload.status == "uploaded"]
+    listed = listed_objects(Uploader(config.s3, config.uploads, config.links, config.piwigo.root), uploads)
+    assert listed == {(bucket, upload.key): (upload.bytes, upload.md5) for upload in uploads}
 
     client = seaweed.client()
     client.delete_object(Bucket=bucket, Key=paths[0])  # type: ignore[attr-defined]
