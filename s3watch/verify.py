@@ -80,13 +80,13 @@ def listed_objects(uploader: Uploader, uploads: list[Upload]) -> dict[tuple[str,
     that way in a test, and their listing 8 to 10 s. Returns what it listed so far when the
     listing fails: the objects left out are then checked one by one.
     """
-    wanted: dict[str, set[str]] = {}
+    keys_by_bucket: dict[str, set[str]] = {}
     for upload in uploads:
         if upload.key:
-            wanted.setdefault(upload.bucket or uploader.s3.bucket, set()).add(upload.key)
+            keys_by_bucket.setdefault(upload.bucket or uploader.s3.bucket, set()).add(upload.key)
 
     listed: dict[tuple[str, str | None], tuple[int, str]] = {}
-    for bucket, keys in wanted.items():
+    for bucket, keys in keys_by_bucket.items():
         try:
             pages = uploader.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=os.path.commonprefix(list(keys)))
             for page in pages:
