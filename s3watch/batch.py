@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .config import Config
 from .database import ImageRow, ImagesTable
-from .journal import JournalState
+from .journal import JournalState, Upload
 from .piwigo import row_path
 from .spool import REQUEUE_HEADER, Entry, iter_entries, move_done
 
@@ -149,19 +149,29 @@ def resolve_entries(entries: list[Entry], gallery: Gallery, table: ImagesTable, 
             continue
 
         upload = state.uploads.get(path)
+        skipped = skipped_as(upload)
         if requeue and upload is not None and upload.status in REQUEUED and path not in queued_now:
             queued_now.add(path)
             result.append(Verdict(entry, "queued", REQUEUED[upload.status], row=row))
         elif upload is not None and upload.status == "already_present":
             result.append(Verdict(entry, "rejected", f"another object is at its key {upload.key}: remove or move that object, then run 's3watch verify --requeue'", row=row))
-        elif upload is not None and upload.status in ALREADY_UPLOADED:
-            result.append(Verdict(entry, "already uploaded", row=row))
-        elif (upload is not None and upload.status in ALREADY_QUEUED) or path in queued_now:
+        elif skipped is not None:
+            result.append(Verdict(entry, skipped, row=row))
+        elif path in queued_now:
             result.append(Verdict(entry, "already queued", row=row))
         else:
             queued_now.add(path)
             result.append(Verdict(entry, "queued", row=row))
     return result
+
+
+def skipped_as(upload: Upload | None) -> str | None:
+    """Return why a list skips a photo whose upload the journal has: "already uploaded", "already queued", or None."""
+    if upload is not None and upload.status in ALREADY_UPLOADED:
+        return "already uploaded"
+    if upload is not None and upload.status in ALREADY_QUEUED:
+        return "already queued"
+    return None
 
 
 def album_with_descendants(tree: dict[int, int | None], album: int) -> list[int]:

@@ -9,10 +9,11 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .batch import ALREADY_QUEUED, ALREADY_UPLOADED, Gallery, album_with_descendants
+from .batch import Gallery, album_with_descendants, skipped_as
 from .config import Config
 from .database import DatabaseError, ImageRow, ImagesTable
 from .journal import JournalError, JournalState, Upload, read_journal
+from .logs import print_problem
 from .piwigo import database_settings, row_path
 from .spool import SpoolError, parse_entry, write_list
 from .status import upload_status
@@ -33,7 +34,7 @@ def _plural(count: int, word: str) -> str:
 
 
 def _error(message: str) -> None:
-    print(f"s3watch: error: {message}", file=sys.stderr)
+    print_problem("error", message)
 
 
 def _checked_entries(lines: Iterable[str], source: str, gallery: Gallery) -> Iterator[str]:
@@ -164,15 +165,15 @@ def backfill(config: Config, arguments: argparse.Namespace) -> int:
         selection = _Selection(rows, _journal_or_none(config))
 
         if arguments.dry_run:
-            for row in itertools.islice(selection, DRY_RUN_SHOWN):
+            for row in itertools.islice(selection.rows, DRY_RUN_SHOWN):
                 print(f"id:{row.id}\t{row_path(row.path)}")
-            for _row in selection:
-                pass
+            for _row in selection.rows:
+                pass  # the rest only for the counts
             later = "" if selection.journal_read else "; photos already uploaded or queued are skipped when the agent reads the list"
             print(f"{selection.summary()} (dry run: nothing queued{later})")
             return EXIT_OK
 
-        path, count = write_list(config.spool_dir, (f"id:{row.id}" for row in selection), keep_empty=False)
+        path, count = write_list(config.spool_dir, (f"id:{row.id}" for row in selection.rows), keep_empty=False)
     except DatabaseError as error:
         _error(str(error))
         return EXIT_FAILED
@@ -194,31 +195,24 @@ class _Selection:
     """The rows backfill selected, without the photos the journal already has as uploaded or queued.
 
     The agent would skip those when it reads the list. Leaving them out makes a second backfill
-    of the same photos write no list and print why. Iterating yields the rows left; the counts
+    of the same photos write no list and print why. `rows` yields the rows left, and the counts
     are complete once it ends.
     """
 
     def __init__(self, rows: Iterable[ImageRow], state: JournalState | None) -> None:
-        self._rows = iter(rows)
-        self._state = state
         self.journal_read = state is not None
         self.selected = 0
         self.left_out = {"already uploaded": 0, "already queued": 0}
+        self.rows = self._filter(rows, state)
 
-    def __iter__(self) -> Iterator[ImageRow]:
-        return self
-
-    def __next__(self) -> ImageRow:
-        while True:
-            row = next(self._rows)
+    def _filter(self, rows: Iterable[ImageRow], state: JournalState | None) -> Iterator[ImageRow]:
+        for row in rows:
             self.selected += 1
-            upload = self._state.uploads.get(row_path(row.path)) if self._state is not None else None
-            if upload is not None and upload.status in ALREADY_UPLOADED:
-                self.left_out["already uploaded"] += 1
-            elif upload is not None and upload.status in ALREADY_QUEUED:
-                self.left_out["already queued"] += 1
+            reason = skipped_as(state.uploads.get(row_path(row.path))) if state is not None else None
+            if reason is None:
+                yield row
             else:
-                return row
+                self.left_out[reason] += 1
 
     def summary(self) -> str:
         """Return the line that counts the selected photos and those left out, such as '12 photos selected, 10 already uploaded'."""
