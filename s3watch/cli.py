@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from . import __version__
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+from .logs import print_problem
 
 if TYPE_CHECKING:
     from .uploader import Uploader
@@ -103,23 +104,11 @@ def _config_path(arguments: argparse.Namespace) -> Path:
 
 
 def _error(message: str) -> None:
-    _print_problem("error", message)
+    print_problem("error", message)
 
 
 def _warn(message: str) -> None:
-    _print_problem("warning", message)
-
-
-def _print_problem(kind: str, message: str) -> None:
-    """Print an error or warning line to standard error.
-
-    Under systemd, where standard error goes to the journal, the line starts with its syslog
-    priority (<3> error, <4> warning), so that `journalctl -p warning` shows why a start failed.
-    """
-    from .journald import journal_stream_connected
-
-    priority = {"error": "<3>", "warning": "<4>"}[kind] if journal_stream_connected(sys.stderr.fileno()) else ""
-    print(f"{priority}s3watch: {kind}: {message}", file=sys.stderr)
+    print_problem("warning", message)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -206,6 +206,7 @@ def _write_config(directory: Path, gallery: Path, database: Path, endpoint: str,
 
 def run_demo(directory: Path | None, photos: int) -> int:
     """Run the demo end to end and print the status. Returns 0 when every photo reached the bucket."""
+    from .logs import print_problem
     from .seaweed import SeaweedError, SeaweedFS
 
     if not 1 <= photos <= 1000:
@@ -226,7 +227,7 @@ def run_demo(directory: Path | None, photos: int) -> int:
     try:
         server.start()
     except SeaweedError as error:
-        print(f"s3watch: error: {error}", file=sys.stderr)
+        print_problem("error", str(error))
         return 1
     agent: subprocess.Popen[bytes] | None = None
     try:

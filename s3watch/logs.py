@@ -103,6 +103,22 @@ class BufferedLineLogger:
 _buffered: BufferedLineLogger | None = None
 
 
+def print_problem(kind: str, message: str) -> None:
+    """Print a command's "error" or "warning" line to standard error, as `s3watch: error: ...`.
+
+    Under systemd, where standard error goes to the journal, the line starts with its syslog
+    priority (<3> error, <4> warning), so that `journalctl -p warning` shows why a start failed.
+    """
+    from .journald import journal_stream_connected
+
+    try:
+        under_journal = journal_stream_connected(sys.stderr.fileno())
+    except (AttributeError, ValueError, OSError):
+        under_journal = False  # a standard error without a file descriptor, such as a test's capture
+    priority = {"error": "<3>", "warning": "<4>"}[kind] if under_journal else ""
+    print(f"{priority}s3watch: {kind}: {message}", file=sys.stderr)
+
+
 def flush_logs() -> None:
     """Write the log lines collected since the last call (the agent's loop calls this once a turn)."""
     if _buffered is not None:

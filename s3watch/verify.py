@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ import botocore.exceptions
 
 from .config import Config
 from .journal import JournalError, Upload, read_journal
+from .logs import print_problem
 from .spool import REQUEUE_HEADER, SpoolError, write_list
 from .uploader import ALREADY_PRESENT_HINT, Uploader, UploadFailed, classify_error
 
@@ -39,7 +39,7 @@ def check_object(uploader: Uploader, upload: Upload) -> Finding | None:
     or None when the object is as recorded. Raises UploadFailed when the store cannot be
     reached or rejects the request.
     """
-    bucket = upload.bucket or uploader.s3.bucket
+    bucket = _bucket_of(uploader, upload)
     occupied = upload.status == "already_present"
     try:
         head = uploader.client.head_object(Bucket=bucket, Key=upload.key)
@@ -72,7 +72,12 @@ def check_object(uploader: Uploader, upload: Upload) -> Finding | None:
     return None
 
 
-def listed_objects(uploader: Uploader, uploads: list[Upload]) -> dict[tuple[str, str | None], tuple[int, str]]:
+def _bucket_of(uploader: Uploader, upload: Upload) -> str:
+    """Return the bucket an upload went to: the one recorded, or the configured one for records without it."""
+    return upload.bucket or uploader.s3.bucket
+
+
+def listed_objects(uploader: Uploader, uploads: list[Upload]) -> dict[tuple[str, str], tuple[int, str]]:
     """List the objects of the uploads' buckets under the keys' common prefix, and return (size, ETag) by (bucket, key).
 
     Only the keys of `uploads` are kept. One listing request returns up to 1,000 objects,
@@ -83,9 +88,9 @@ def listed_objects(uploader: Uploader, uploads: list[Upload]) -> dict[tuple[str,
     keys_by_bucket: dict[str, set[str]] = {}
     for upload in uploads:
         if upload.key:
-            keys_by_bucket.setdefault(upload.bucket or uploader.s3.bucket, set()).add(upload.key)
+            keys_by_bucket.setdefault(_bucket_of(uploader, upload), set()).add(upload.key)
 
-    listed: dict[tuple[str, str | None], tuple[int, str]] = {}
+    listed: dict[tuple[str, str], tuple[int, str]] = {}
     for bucket, keys in keys_by_bucket.items():
         try:
             pages = uploader.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=os.path.commonprefix(list(keys)))
@@ -94,8 +99,10 @@ def listed_objects(uploader: Uploader, uploads: list[Upload]) -> dict[tuple[str,
                     key = listed_object["Key"]
                     if key in keys:
                         listed[(bucket, key)] = (int(listed_object["Size"]), str(listed_object.get("ETag", "")).strip('"'))
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError):
-            continue  # a store or a policy that refuses listings: those objects get a HEAD each
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
+            # A store or a policy that rejects listings: the objects not listed get a HEAD each.
+            failure = classify_error(error)
+            print_problem("warning", f"bucket {bucket} could not be listed ({failure.code}: {failure.message}): checking each object with a HEAD request instead")
     return listed
 
 
@@ -111,7 +118,7 @@ def verify(config: Config, requeue: bool) -> int:
     try:
         state, _ = read_journal(config.journal_path)
     except JournalError as error:
-        print(f"s3watch: error: {error}", file=sys.stderr)
+        print_problem("error", str(error))
         return EXIT_DIFFERENT
     uploads = [upload for upload in state.uploads.values() if upload.status in ("uploaded", "already_present") and upload.key]
     uploader = Uploader(config.s3, config.uploads, config.links, config.piwigo.root)
@@ -120,7 +127,7 @@ def verify(config: Config, requeue: bool) -> int:
     def check(upload: Upload) -> Finding | None:
         # An uploaded photo whose listed size and plain ETag match the journal is as recorded.
         # Anything else gets check_object's HEAD, which also reads the md5 from the metadata.
-        found = listed.get((upload.bucket or uploader.s3.bucket, upload.key))
+        found = listed.get((_bucket_of(uploader, upload), upload.key or ""))
         if found is not None and upload.status == "uploaded" and upload.md5 and found == (upload.bytes, upload.md5):
             return None
         return check_object(uploader, upload)
@@ -129,7 +136,7 @@ def verify(config: Config, requeue: bool) -> int:
         with ThreadPoolExecutor(max_workers=max(4, config.uploads.workers * 2)) as pool:
             results = list(pool.map(check, uploads))
     except UploadFailed as failure:
-        print(f"s3watch: error: the bucket could not be checked: {failure.code}: {failure.message}", file=sys.stderr)
+        print_problem("error", f"the bucket could not be checked: {failure.code}: {failure.message}")
         return EXIT_DIFFERENT
 
     findings = [finding for finding in results if finding is not None]
@@ -153,7 +160,7 @@ def verify(config: Config, requeue: bool) -> int:
         try:
             path, count = write_list(config.spool_dir, (finding.upload.path for finding in requeued), header=REQUEUE_HEADER)
         except SpoolError as error:
-            print(f"s3watch: error: {error}", file=sys.stderr)
+            print_problem("error", str(error))
             return EXIT_DIFFERENT
         print(f"queued {_photos(count)} again through {path}; the agent uploads them at its next look at the spool")
     elif requeued:

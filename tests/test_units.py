@@ -322,7 +322,7 @@ def test_usual_upload_packs_same_both_ways() -> None:
     other = "upload/2015/01/01/other.jpg"
 
     # The first upload is packed the general way, which learns the codes of its bucket, source
-    # and original; the second, with the same fields, the short way.
+    # and original. So the second, with the same fields, is packed the short way.
     for path in (PHOTO, other):
         uploads.apply(path, {**QUEUED, "path": path}, finished=False)
         uploads.apply(path, {**UPLOADED, "path": path, "key": path}, finished=True)
@@ -535,3 +535,23 @@ def test_status_counts_uploads_by_bucket() -> None:
         "counts": dict.fromkeys(("uploaded", "pending", "failed", "waiting_for_row", "already_present", "duplicate", "unmatched", "gone"), 0),
     }
     assert render_text(report).splitlines()[1] == "  of the uploaded, 3 went to bucket old-bucket, the bucket configured before"
+
+
+def test_verify_listing_rejected_falls_back(capsys: pytest.CaptureFixture[str]) -> None:
+    from types import SimpleNamespace
+
+    from s3watch.journal import Upload
+    from s3watch.verify import listed_objects
+
+    class RejectingClient:
+        """A client whose store rejects listings, as a policy without s3:ListBucket does."""
+
+        def get_paginator(self, _name: str) -> Any:
+            raise botocore.exceptions.ClientError({"Error": {"Code": "AccessDenied", "Message": "denied"}, "ResponseMetadata": {"HTTPStatusCode": 403}},
+                                                  "ListObjectsV2")
+
+    uploader = SimpleNamespace(client=RejectingClient(), s3=SimpleNamespace(bucket="gallery"))
+    upload = Upload(path="upload/a.jpg", key="upload/a.jpg", status="uploaded", bucket="gallery")
+
+    assert listed_objects(uploader, [upload]) == {}  # type: ignore[arg-type]
+    assert "bucket gallery could not be listed (failed_code_403: access denied" in capsys.readouterr().err
