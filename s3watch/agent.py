@@ -157,7 +157,8 @@ class Agent:
         self.next_status = 0.0
         self.status_due = False  # the status may have changed since the last one sent
         self.ready_sent = False
-        self.last_upload_ts: str | None = None
+        self.last_upload_ts: str | None = None  # for the status line, in LAST_UPLOAD_FORMAT
+        self.last_upload_at: float | None = None  # the last upload read from the journal at start, in seconds since the epoch
         self.events_lost_at = -math.inf  # time.monotonic() of the latest report of an inotify overflow
         self.last_error: str | None = None
         self.metrics: Metrics | None = None
@@ -239,10 +240,11 @@ class Agent:
         log.info("journal_read", records=state.records, from_snapshot=state.snapshot_records, uploads=len(state.uploads),
                  ms=round((time.monotonic() - started) * 1000))
 
-        # systemd's status line names the last upload from the start on, not only after the next one.
+        # systemd's status line and the metrics name the last upload from the start on, not only after the next one.
         latest = state.uploads.last_uploaded()
         if latest is not None:
-            self.last_upload_ts = time.strftime(LAST_UPLOAD_FORMAT, time.localtime(_epoch(latest.ts)))
+            self.last_upload_at = _epoch(latest.ts)
+            self.last_upload_ts = time.strftime(LAST_UPLOAD_FORMAT, time.localtime(self.last_upload_at))
 
     def _write_snapshot(self) -> None:
         """Save the journal's state, so that the next start need not replay every record."""
@@ -263,10 +265,8 @@ class Agent:
             return
         self.metrics = Metrics()
         # The last success survives a restart, so that an alert on its age does not fire on a quiet gallery.
-        assert self.journal is not None
-        latest = self.journal.state.uploads.last_uploaded()
-        if latest is not None:
-            self.metrics.last_success.set(_epoch(latest.ts))
+        if self.last_upload_at is not None:
+            self.metrics.last_success.set(self.last_upload_at)
         try:
             self.metrics.serve(self.config.metrics.listen)
         except MetricsError as error:
