@@ -65,7 +65,7 @@ def check_list(path: Path) -> None:
     try:
         handle = open(path, "rb")
     except OSError as error:
-        # A list written with a private umask (077) belongs to its writer alone; s3watch enqueue writes 0640.
+        # A list written with a private umask (077) is readable by its writer alone. s3watch enqueue writes 0640.
         raise SpoolError(f"unreadable ({error.strerror}): make it readable by the agent's group (chmod g+r) and drop it again") from None
     with handle:
         decoder = codecs.getincrementaldecoder("utf-8")()

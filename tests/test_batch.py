@@ -318,7 +318,7 @@ def test_backfilled_photos_upload_with_monitoring_off(setup: Setup, agent: Agent
     assert pending["counts"]["uploaded"] == 3
     assert {item["path"] for item in pending["uploaded"]} == set(paths)
 
-    # A second backfill leaves out what the journal has as uploaded, and says so.
+    # A second backfill leaves out what the journal has as uploaded, and prints the counts.
     lists_before = sorted(p.name for p in setup.spool_dir.iterdir() if p.is_file())
     newest = photo(piwigo, 3)[1]
     dry = run_cli("--config", str(setup.path), "backfill", "--all", "--dry-run")

@@ -163,7 +163,7 @@ def test_check_folder_of_other_user() -> None:
 def as_user(uid: int, work: Callable[[], Any]) -> Any:
     """Return what `work` returns when run in a child process as user and group `uid`, without supplementary groups.
 
-    A forked child, because this interpreter may lie where that user cannot start it (under /root).
+    A forked child, because this interpreter may be in a folder that user cannot open (under /root).
     """
     reader, writer = os.pipe()
     child = os.fork()
