@@ -62,7 +62,7 @@ FILE_BUSY_RETRY = 10.0  # seconds before a file that was still changing is tried
 JOURNAL_RETRY_INTERVAL = 5.0  # seconds between attempts to write the journal while the disk refuses
 METRICS_INTERVAL = 5.0  # seconds between updates of the gauges that need a scan
 STATUS_INTERVAL = 1.0  # seconds between STATUS= messages to systemd, which would otherwise get one per loop turn
-LAST_UPLOAD_FORMAT = "%Y-%m-%d %H:%M:%S"  # local time of the last upload in the STATUS= line
+LAST_UPLOAD_FORMAT = "%Y-%m-%d %H:%M:%S %Z"  # local time, as journalctl shows it; the zone, because `s3watch status` shows UTC
 
 
 class AgentError(Exception):
@@ -1045,7 +1045,7 @@ class Agent:
                 self.metrics.last_success.set(now)
 
         if outcome.event == "failed":
-            self.last_error = f"{outcome.code} at {time.strftime('%H:%M:%S')}"
+            self.last_error = f"{outcome.code} at {time.strftime('%H:%M:%S %Z')}"
             self.journal.append("failed", outcome.path, code=outcome.code, error=outcome.error, attempts=attempts)
             log.warning("upload_failed", path=outcome.path, image_id=upload.image_id if upload else None, key=outcome.key,
                         code=outcome.code, error=outcome.error, attempts=attempts)
