@@ -574,7 +574,8 @@ class Agent:
         """Record a new file under the upload directory and wait for its images row.
 
         Files already in the journal, files that are not originals, and every file while
-        monitoring is off are ignored.
+        monitoring is off are ignored. A file recorded as gone is the exception: its upload found
+        no file, as when Piwigo's row came before the file, and the file is here now.
         """
         assert self.journal is not None
         path = gallery_path(self.config.piwigo.root, absolute)
@@ -584,7 +585,8 @@ class Agent:
             if self.config.uploads.formats and is_format_file(path, self.config.piwigo.upload_dir) and path not in self.journal.state.uploads:
                 self.next_poll = 0.0  # its image_format row comes soon: poll for it now
             return
-        if path in self.journal.state.uploads or not self.config.monitor.enabled:
+        upload = self.journal.state.uploads.get(path)
+        if (upload is not None and upload.status != "gone") or not self.config.monitor.enabled:
             return
         now = time.time()
         self.journal.append("detected", path, source="monitor", **self._capture_on_arrival(absolute))

@@ -198,7 +198,7 @@ def open_original(root: Path, path: str, allowed: Collection[str] | None = None)
     try:
         fd = os.open(absolute, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: opening a FIFO must not hang
     except FileNotFoundError:
-        raise FileGone(f"{path} no longer exists") from None
+        raise FileGone(f"{path} is missing: deleted or renamed, or not written yet") from None
     except OSError as error:
         raise FileGone(f"{path} could not be opened ({error.strerror})") from None
 

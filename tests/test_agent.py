@@ -435,6 +435,22 @@ def test_unmatched_file_is_queued_when_row_comes_late(setup: Setup, agent: Agent
     wait_for(lambda: uploaded(setup, path), what="the upload once the row came")
 
 
+def test_file_that_comes_after_its_row_is_uploaded(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation, gallery_root: Path) -> None:
+    # A restore that loads the database before copying the files: the poll finds the row, and
+    # the upload finds no file yet. The file's arrival queues the photo again.
+    agent.start()
+    data = sample_photo(1)
+    path = "upload/2026/12/06/20261206024634-b506806f.jpg"
+    piwigo.insert_row(path, hashlib.md5(data).hexdigest(), len(data))
+    wait_for(lambda: setup.upload_status(path) == "gone", what="the upload that found no file")
+    assert "not written yet" in setup.status()["problems"][0]["error"]
+
+    (gallery_root / path).parent.mkdir(parents=True, exist_ok=True)
+    (gallery_root / path).write_bytes(data)
+    wait_for(lambda: uploaded(setup, path), what="the upload once the file came")
+    assert setup.status()["problems"] == []
+
+
 def test_reload_switches_duplicate_detection(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation) -> None:
     agent.start()
     data = sample_photo(1)

@@ -101,7 +101,7 @@ def test_file_deleted_or_renamed_after_queueing_is_gone(setup: Setup, agent: Age
     agent.signal(signal.SIGHUP)
     wait_for(lambda: setup.upload_status(deleted) == "gone" and setup.upload_status(renamed) == "gone", what="both gone")
     problems = {item["path"]: item for item in setup.status()["problems"]}
-    assert "no longer exists" in problems[deleted]["error"]
+    assert "is missing" in problems[deleted]["error"]
     assert problems[renamed]["status"] == "gone"
     assert setup.status()["pending"] == []
 
