@@ -45,10 +45,13 @@ def _checked_entries(lines: Iterable[str], source: str, gallery: Gallery) -> Ite
     file this user may not read is left to the agent, which may.
     """
     for number, line in enumerate(lines, start=1):
+        where = f"argument {number}" if source == "argument" else f"{source} line {number}"
+        if "\x00" in line:
+            # No path holds a NUL byte, and the file system calls below would fail on one.
+            raise UsageError(f"{where}: a NUL byte, so this is not a list: give paths or id:N as text, one a line")
         entry = parse_entry(number, line)
         if entry is None:
             continue
-        where = f"argument {number}" if source == "argument" else f"{source} line {number}"
         if entry.path is None and entry.image_id is None:
             raise UsageError(f"{where}: invalid image id {entry.text!r}: write id:1234")
         if entry.path is not None:

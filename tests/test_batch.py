@@ -177,6 +177,10 @@ def test_enqueue_writes_list_and_rejects_bad_input(setup: Setup, agent: AgentPro
         refused = run_cli("--config", str(setup.path), "enqueue", entry)
         assert refused.returncode == 2, entry
         assert reason in refused.stderr, refused.stderr
+    binary = run_cli("--config", str(setup.path), "enqueue", "--from", "-", stdin=f"{other}\nupload/a\x00b.jpg\n")
+    assert binary.returncode == 2
+    assert "standard input line 2: a NUL byte, so this is not a list" in binary.stderr
+    assert "Traceback" not in binary.stderr
     assert not setup.spool_dir.exists() or not [p for p in setup.spool_dir.iterdir() if p.is_file()]
 
     result = run_cli("--config", str(setup.path), "enqueue", f"id:{image_id}")
