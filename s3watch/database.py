@@ -24,6 +24,10 @@ class TableMissing(DatabaseError):
     """A table that only some Piwigo versions have (config, image_format) does not exist."""
 
 
+class NoSuchTable(DatabaseError):
+    """A table every Piwigo has does not exist: the prefix is wrong, or this is not Piwigo's database."""
+
+
 @dataclass(frozen=True)
 class ImageRow:
     """One photo's row of the images table, as s3watch needs it."""
@@ -94,6 +98,10 @@ class ImagesTable:
 
         try:
             self._query(f"SELECT id, path, md5sum FROM {self.table} WHERE 1=0", ())
+        except NoSuchTable:
+            self.close()
+            raise NoSuchTable(f"table {self.table} not found in {settings.describe()}: "
+                              f"check the table prefix ({self.prefix!r}) and that this is a Piwigo database") from None
         except DatabaseError as error:
             self.close()
             raise DatabaseError(f"table {self.table} not found or unreadable in {settings.describe()} ({error}): check the table prefix") from None
@@ -262,7 +270,7 @@ class ImagesTable:
                     raise TableMissing(str(error.args[-1])) from None
                 if error.args and error.args[0] == 1146:
                     # The missing table may be another one than images, such as categories for backfill --album.
-                    raise DatabaseError(f"{error.args[-1]}: check the table prefix ({self.prefix!r}) and that this is a Piwigo database") from None
+                    raise NoSuchTable(f"{error.args[-1]}: check the table prefix ({self.prefix!r}) and that this is a Piwigo database") from None
                 raise DatabaseError(f"query on {self.table} failed: {error.args[-1]}") from None
             except sqlite3.OperationalError as error:
                 if optional_table and "no such table" in str(error):

@@ -13,6 +13,7 @@ from typing import Any, Callable
 import pytest
 
 from s3watch.cli import _folder_line
+from s3watch.config import ConfigError, load_config
 from s3watch.demo import PiwigoImitation, sample_photo
 
 from .conftest import TEST_DB_PASSWORD, AgentProcess, Setup, run_cli, wait_for
@@ -158,6 +159,29 @@ def test_check_folder_of_other_user() -> None:
     # A missing folder this user cannot create stays a failure.
     assert missing[0].startswith(f"state directory {base / 'missing'}: FAILED: not writable by this user")
     assert missing[1] is True
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="reading as another user needs root")
+def test_unreadable_configuration_is_named() -> None:
+    base = Path(tempfile.mkdtemp(prefix="s3watch-unreadable-"))
+    try:
+        base.chmod(0o755)
+        config = base / "s3watch.yaml"
+        config.write_text("s3:\n  bucket: b\n")
+        config.chmod(0o600)
+
+        def message() -> str:
+            try:
+                load_config(config)
+            except ConfigError as error:
+                return str(error)
+            return "no error"
+
+        answer = as_user(65534, message)
+    finally:
+        shutil.rmtree(base)
+
+    assert answer == f"configuration file {config} is not readable by this user: fix its permissions or run as its owner"
 
 
 def as_user(uid: int, work: Callable[[], Any]) -> Any:
