@@ -78,6 +78,8 @@ def acquire_lock(state_dir: Path) -> int:
     try:
         state_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
         fd = os.open(state_dir / "agent.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except (FileExistsError, NotADirectoryError):
+        raise AgentError(f"state directory {state_dir} is a file, or lies in one, not a folder: set state_dir to a folder") from None
     except OSError as error:
         raise AgentError(f"state directory {state_dir} could not be used ({error.strerror}): create it and make it writable by this user") from None
     try:
@@ -318,6 +320,9 @@ class Agent:
     def _create_spool_dir(self) -> None:
         try:
             self.config.spool_dir.mkdir(mode=0o770, parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError) as error:
+            log.warning("spool_unavailable", spool_dir=str(self.config.spool_dir), error=error.strerror,
+                        hint="it is a file, or lies in one, not a folder: set spool_dir to a folder to use batch mode")
         except OSError as error:
             log.warning("spool_unavailable", spool_dir=str(self.config.spool_dir), error=error.strerror,
                         hint="create it and make it writable by this user to use batch mode")

@@ -249,9 +249,10 @@ def _check(config: Config) -> int:
     else:
         print(f"upload directory {upload}: not created yet (Piwigo creates it at the first upload)")
 
-    line, failed = _folder_line("state directory", config.state_dir)
-    print(line)
-    problems += failed
+    for name, folder in (("state directory", config.state_dir), ("spool directory", config.spool_dir)):
+        line, failed = _folder_line(name, folder)
+        print(line)
+        problems += failed
 
     bucket = f"bucket {config.s3.bucket} at {config.s3.endpoint_url or 'AWS S3'}"
     try:
@@ -314,7 +315,7 @@ def _check_offline(config: Config) -> int:
     settings = database_settings(config)  # a ConfigError here exits 2 with the reason
     print(f"configuration {config.source}: ok (database {settings.describe()}, bucket {config.s3.bucket})")
     for name, folder in (("state directory", config.state_dir), ("spool directory", config.spool_dir)):
-        if folder.is_dir():
+        if folder.exists():
             line, failed = _folder_line(name, folder)
             if failed:
                 print(line)
@@ -328,6 +329,9 @@ def _folder_line(name: str, folder: Path) -> tuple[str, bool]:
     A folder that belongs to another user is that user's to write: a member of the service's
     group checks the setup of a folder owned by the service user. That is a note, not a failure.
     """
+    if folder.exists() and not folder.is_dir():
+        key = name.replace(" directory", "_dir")
+        return f"{name} {folder}: FAILED: it is a file, not a folder: set {key} to a folder, or move the file away", True
     if folder.is_dir() and os.access(folder, os.W_OK | os.X_OK):
         return f"{name} {folder}: ok", False
     if folder.is_dir() and folder.stat().st_uid != os.geteuid():

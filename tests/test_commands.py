@@ -65,6 +65,31 @@ def test_check_fails_on_mistyped_upload_dir(setup: Setup, piwigo: PiwigoImitatio
     assert "uploads: FAILED: it does not exist, but the images table has photos (the newest is upload/" in result.stdout
 
 
+def test_folders_that_are_files_are_named_as_such(setup: Setup, agent: AgentProcess) -> None:
+    spool = setup.path.parent / "spool-file"
+    spool.write_text("not a folder")
+    setup.values["spool_dir"] = str(spool)
+    setup.write()
+    for command in (["check"], ["check", "--offline"]):
+        result = run_cli("--config", str(setup.path), *command)
+        assert result.returncode == 1, result.stdout
+        assert f"spool directory {spool}: FAILED: it is a file, not a folder: set spool_dir to a folder" in result.stdout
+
+    # Batch mode is off, with the reason, and the agent goes on.
+    agent.start()
+    wait_for(lambda: agent.logged("spool_unavailable"), what="the spool warning")
+    assert "set spool_dir to a folder to use batch mode" in agent.log()
+    agent.stop()
+
+    state = setup.path.parent / "state-file"
+    state.write_text("not a folder")
+    setup.values["state_dir"] = str(state)
+    setup.write()
+    result = run_cli("--config", str(setup.path), "run")
+    assert result.returncode == 1
+    assert f"state directory {state} is a file, or lies in one, not a folder: set state_dir to a folder" in result.stderr
+
+
 def test_check_fails_on_unreachable_database(setup: Setup) -> None:
     setup.values["piwigo"]["database"]["url"] = f"mysql://s3watch_test:{TEST_DB_PASSWORD}@127.0.0.1:1/piwigo"
     setup.write()
