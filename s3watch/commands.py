@@ -285,7 +285,8 @@ def url(config: Config, text: str) -> int:
         elif not (config.piwigo.root / path).exists():
             print(f"not uploaded: s3watch has no record of {path}, and there is no such file in the gallery {config.piwigo.root}", file=sys.stderr)
         else:
-            print(f"not uploaded: s3watch has no record of {path}; once it has an images row, queue it with: s3watch enqueue {path}", file=sys.stderr)
+            print(f"not uploaded: s3watch has no record of {path}: queue it with: s3watch enqueue {path} "
+                  "(the agent uploads it once it has an images row)", file=sys.stderr)
         return EXIT_FAILED
 
     try:
@@ -304,13 +305,21 @@ def _path_of_image(state: JournalState, image_id: int) -> str | None:
 
 
 def _explain(uploader: Uploader, upload: Upload) -> int:
-    """Print an upload's link (exit status 0), or why it has none (1). Raises UploadFailed when a presigned link cannot be signed."""
+    """Print the link of an upload, or of the object with its content for a duplicate (exit status 0), or why there is none (1).
+
+    Raises UploadFailed when a presigned link cannot be signed.
+    """
     if upload.status == "uploaded" and upload.key:
         print(uploader.download_url(upload.key, upload.bucket))
         if upload.original == "as_uploaded":
             print("bytes as uploaded (their md5 was the images row's md5sum when the upload was recorded)", file=sys.stderr)
         elif upload.original == "as_stored":
             print(f"bytes as stored, not as uploaded{': ' + upload.original_note if upload.original_note else ''}", file=sys.stderr)
+        return EXIT_OK
+    if upload.status == "duplicate" and upload.duplicate_of:
+        # The same content is in the bucket under the other key: that object is this photo's copy, as status links it.
+        print(uploader.download_url(upload.duplicate_of, upload.bucket))
+        print(f"same content as {upload.duplicate_of}, uploaded before; this link is that object's", file=sys.stderr)
         return EXIT_OK
     reasons = {
         "pending": f"not uploaded yet: {upload_status(upload)}"
@@ -319,10 +328,7 @@ def _explain(uploader: Uploader, upload: Upload) -> int:
         "unmatched": f"not uploaded: unmatched ({upload.error})",
         "gone": f"not uploaded: gone ({upload.error})",
         "already_present": f"not uploaded: {upload.key}: {ALREADY_PRESENT_HINT}",
-        "duplicate": f"not uploaded: duplicate of {upload.duplicate_of}, which has the same content",
     }
-    if upload.status == "duplicate" and upload.duplicate_of:
-        reasons["duplicate"] += f": {uploader.download_url(upload.duplicate_of)}"
     print(reasons.get(upload.status, f"not uploaded: {upload.status}"), file=sys.stderr)
     return EXIT_FAILED
 

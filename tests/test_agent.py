@@ -170,6 +170,10 @@ def test_duplicate_content_skipped_only_when_enabled(prevent: bool, setup: Setup
         assert setup.journal().uploads[second].duplicate_of == first
         listing = seaweed.client().list_objects_v2(Bucket=bucket, Prefix="upload/")  # type: ignore[attr-defined]
         assert [item["Key"] for item in listing["Contents"]] == [first]
+        link = run_cli("--config", str(setup.path), "url", second)
+        assert link.returncode == 0, link.stderr
+        assert link.stdout.strip().endswith(f"/{bucket}/{first}")
+        assert f"same content as {first}" in link.stderr
     else:
         wait_for(lambda: uploaded(setup, second), what="the second copy")
         assert object_bytes(seaweed, bucket, second) == data
