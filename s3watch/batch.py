@@ -17,6 +17,7 @@ from .database import ImageRow, ImagesTable
 from .journal import JournalState, Upload
 from .piwigo import row_path
 from .spool import REQUEUE_HEADER, Entry, iter_entries, move_done
+from .uploader import printable
 
 ALREADY_UPLOADED = frozenset({"uploaded", "duplicate"})
 # The statuses a list from `s3watch verify --requeue` queues again, with the reason for each.
@@ -41,7 +42,8 @@ class Verdict:
             result += f" ({self.reason})"
         if self.row is not None and self.outcome != "rejected":
             result += f" (image {self.row.id}, {self.row.path})"
-        return f"line {self.entry.line}: {self.entry.text}\t{result}"
+        # A file name may hold a line break or a terminal's escape character: each entry stays one line of plain text.
+        return f"line {self.entry.line}: {printable(self.entry.text)}\t{result}"
 
 
 class Gallery:
@@ -141,6 +143,8 @@ def resolve_entries(entries: list[Entry], gallery: Gallery, table: ImagesTable, 
             row = rows_by_path.get(path)
 
         problem = gallery.check_file(path)
+        if problem == "no such file" and entry.path is not None and entry.path.isdigit():
+            problem = f"no such file: for the photo with image id {entry.path}, write id:{entry.path}"
         if problem is not None:
             result.append(Verdict(entry, "rejected", problem))
             continue

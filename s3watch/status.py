@@ -8,7 +8,7 @@ from typing import Any
 
 from .config import Config
 from .journal import JournalState, Upload, read_journal
-from .uploader import ALREADY_PRESENT_HINT, CONTROL_CHARACTERS, Uploader, UploadFailed
+from .uploader import ALREADY_PRESENT_HINT, Uploader, UploadFailed, printable
 
 LIST_LENGTH = 10
 # The error of an upload that waits, untried, while the store fails others (set by the agent).
@@ -158,4 +158,4 @@ def render_text(report: dict[str, Any]) -> str:
         for item in report["problems"]:
             lines.append(f"  {item['status']:<15} {item['path']}  {item['error'] or ''}")
     # A file name may hold a line break or a terminal's escape character: each report line stays one line.
-    return "\n".join(CONTROL_CHARACTERS.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), line) for line in lines)
+    return "\n".join(printable(line) for line in lines)

@@ -48,6 +48,11 @@ TRANSIENT_CODES = frozenset(
 TRANSIENT_STATUSES = frozenset({408, 409, 425, 429})
 
 
+
+def printable(text: str) -> str:
+    """Return `text` with its control characters (a line break, a terminal's escape) written as escapes such as \\n, for a report line."""
+    return CONTROL_CHARACTERS.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), text)
+
 class UploadFailed(Exception):
     """An attempt failed. `status` is the HTTP status, or 0 when the endpoint was not reached."""
 

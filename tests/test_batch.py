@@ -90,6 +90,8 @@ def test_list_with_every_kind_of_entry(setup: Setup, agent: AgentProcess, piwigo
         "id:abc",
         "id:999999",
         relative,
+        "42",
+        "upload/\x1b[31mred.jpg",
     ]
     drop_list(setup.spool_dir, "mixed.list", "\r\n".join(lines) + "\r\n")
     report = report_of(setup, "mixed.list")
@@ -100,7 +102,7 @@ def test_list_with_every_kind_of_entry(setup: Setup, agent: AgentProcess, piwigo
     assert {setup.journal().uploads[path].source for path in (relative, dotted, absolute, by_id_path)} == {"batch"}
 
     report_lines = [line for line in report.splitlines() if not line.startswith("#")]
-    assert len(report_lines) == 13
+    assert len(report_lines) == 15
     assert f"line 2: {relative}\tqueued (image {relative_id}, {relative})" in report
     assert f"line 4: ./{dotted}\tqueued (image {dotted_id}" in report
     assert f"line 5: {gallery_root / absolute}\tqueued (image {absolute_id}" in report
@@ -114,6 +116,8 @@ def test_list_with_every_kind_of_entry(setup: Setup, agent: AgentProcess, piwigo
     assert "line 13: id:abc\trejected: invalid image id" in report
     assert "line 14: id:999999\trejected: no images row with id 999999" in report
     assert f"line 15: {relative}\talready queued" in report
+    assert "line 16: 42\trejected: no such file: for the photo with image id 42, write id:42" in report
+    assert "line 17: upload/\\x1b[31mred.jpg\trejected: no such file" in report
     assert (setup.spool_dir / "done" / "mixed.list").exists()
     assert not (setup.spool_dir / "mixed.list").exists()
 
