@@ -17,7 +17,6 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -27,7 +26,7 @@ import structlog
 from .batch import Gallery, ListRun, resolve_entries
 from .config import Config, ConfigError, load_config
 from .database import DatabaseError, DatabaseUnreachable, FormatRow, ImageRow, ImagesTable, TableMissing
-from .journal import Journal, JournalError, Upload
+from .journal import Journal, JournalError, Upload, epoch_of
 from .logs import configure_logging, flush_logs
 from .matcher import Matcher
 from .metrics import Metrics, MetricsError
@@ -103,13 +102,6 @@ def _http_status(code: str | None) -> int | None:
     """Return the HTTP status of a failure code such as failed_code_503 (0: no connection), or None for a local failure."""
     number = str(code).rsplit("_", 1)[-1]
     return int(number) if number.isdigit() else None
-
-
-def _epoch(iso: str) -> float:
-    try:
-        return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return time.time()
 
 
 class Agent:
@@ -245,7 +237,7 @@ class Agent:
         # systemd's status line and the metrics name the last upload from the start on, not only after the next one.
         latest = state.uploads.last_uploaded()
         if latest is not None:
-            self.last_upload_at = _epoch(latest.ts)
+            self.last_upload_at = epoch_of(latest.ts)
             self.last_upload_ts = time.strftime(LAST_UPLOAD_FORMAT, time.localtime(self.last_upload_at))
 
     def _write_snapshot(self) -> None:
@@ -315,7 +307,7 @@ class Agent:
             if upload.status == "pending":
                 self._line_for(upload.source).append(upload.path)
             else:
-                self.matcher.add(upload.path, _epoch(upload.detected_ts or upload.ts), now)
+                self.matcher.add(upload.path, epoch_of(upload.detected_ts or upload.ts), now)
 
     def _create_spool_dir(self) -> None:
         try:
@@ -496,7 +488,7 @@ class Agent:
         self.metrics.queue_length.set(self._pending_count())
         heads = [line[0] for line in (self.ready, self.ready_batch) if line] + list(self.retry_at) + list(self.in_flight)
         oldest = min((self.journal.state.uploads[path].detected_ts for path in heads if path in self.journal.state.uploads), default=None)
-        self.metrics.oldest_pending_age.set(max(0.0, now - _epoch(oldest)) if oldest else 0.0)
+        self.metrics.oldest_pending_age.set(max(0.0, now - epoch_of(oldest)) if oldest else 0.0)
         try:
             self.metrics.journal_bytes.set(self.journal.path.stat().st_size)
         except OSError:

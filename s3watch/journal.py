@@ -501,6 +501,14 @@ def now_iso() -> str:
     return f"{cached[1]}.{int((now - second) * 1000):03d}Z"
 
 
+def epoch_of(iso: str) -> float:
+    """Return the seconds since the epoch of a time stamp as now_iso writes it; the current time for one that cannot be read."""
+    try:
+        return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return time.time()
+
+
 def snapshot_path(journal_path: Path) -> Path:
     """Return where the snapshot of the journal at `journal_path` is kept: beside it, as <name>.snapshot."""
     return journal_path.with_suffix(".snapshot")

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from typing import Any
 
 from .config import Config
-from .journal import JournalState, Upload, read_journal
+from .journal import JournalState, Upload, epoch_of, read_journal
 from .uploader import ALREADY_PRESENT_HINT, Uploader, UploadFailed, printable
 
 LIST_LENGTH = 10
+# Seconds past monitor.match_timeout before a file waiting for its row is said to be stalled: the
+# agent looks the row up with a backoff of up to 1 s, and the journal records the give-up a little later.
+STALL_SLACK = 5.0
 # The error of an upload that waits, untried, while the store fails others (set by the agent).
 WAITING_FOR_STORE = "waiting: the store failed another upload with this code"
 
@@ -41,6 +45,7 @@ def build_status(config: Config, state: JournalState | None = None) -> dict[str,
     done = state.uploads.latest_finished(("uploaded", "duplicate"), LIST_LENGTH)
     problems = state.uploads.latest_finished(("already_present", "unmatched", "gone"), LIST_LENGTH)
 
+    now = time.time()
     uploader = Uploader(config.s3, config.uploads, config.links, config.piwigo.root)
     link_errors: list[str] = []
     uploaded = [_uploaded_item(u, uploader, link_errors) for u in done]
@@ -59,14 +64,24 @@ def build_status(config: Config, state: JournalState | None = None) -> dict[str,
         # Uploads to a bucket configured before, when s3.bucket was changed since.
         "uploaded_elsewhere": {bucket: count for bucket, count in sorted(state.uploads.uploaded_buckets().items(), key=lambda item: str(item[0]))
                                if bucket is not None and bucket != config.s3.bucket},
-        "pending": [_pending_item(u) for u in pending[:LIST_LENGTH]],
+        "pending": [_pending_item(u, config.monitor.match_timeout, now) for u in pending[:LIST_LENGTH]],
         "uploaded": uploaded,
         "links_error": link_errors[0] if link_errors else None,
         "problems": [_problem_item(u) for u in problems],
     }
 
 
-def _pending_item(upload: Upload) -> dict[str, Any]:
+def _pending_item(upload: Upload, match_timeout: float, now: float) -> dict[str, Any]:
+    """Describe one unfinished upload. A file that waits for its row past the match timeout gets a note.
+
+    The agent gives up on a row after the timeout, except while the database fails, so a longer
+    wait means that it cannot read the table or is not running. Only its log says which.
+    """
+    note = None
+    waited = now - epoch_of(upload.detected_ts or upload.ts)
+    if upload.status == "detected" and waited > match_timeout + STALL_SLACK:
+        note = (f"waiting for its row for {waited:.0f} s, longer than monitor.match_timeout ({match_timeout:g} s): the agent cannot read "
+                "the database or is not running; see journalctl -u s3watch -p warning")
     return {
         "path": upload.path,
         "image_id": upload.image_id,
@@ -76,6 +91,7 @@ def _pending_item(upload: Upload) -> dict[str, Any]:
         "last_try": upload.ts if upload.code and upload.attempts else None,
         "source": upload.source,
         "since": upload.detected_ts or upload.ts,
+        "note": note,
     }
 
 
@@ -135,6 +151,8 @@ def render_text(report: dict[str, Any]) -> str:
         elif item["error"] == WAITING_FOR_STORE:
             detail += "  not tried yet: waiting while the store fails other uploads"
         lines.append(detail)
+        if item["note"]:
+            lines.append(f"  {'':<18} {item['note']}")
         if item["error"] and item["error"] != WAITING_FOR_STORE:
             lines.append(f"  {'':<18} {item['error']}")
 
@@ -159,3 +177,4 @@ def render_text(report: dict[str, Any]) -> str:
             lines.append(f"  {item['status']:<15} {item['path']}  {item['error'] or ''}")
     # A file name may hold a line break or a terminal's escape character: each report line stays one line.
     return "\n".join(printable(line) for line in lines)
+

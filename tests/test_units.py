@@ -498,7 +498,8 @@ def test_status_text_waiting_and_control_characters() -> None:
     from s3watch.status import WAITING_FOR_STORE, render_text
 
     def pending(path: str, code: str, error: str) -> dict[str, Any]:
-        return {"path": path, "image_id": 1, "status": code, "error": error, "attempts": 0, "last_try": None, "source": "monitor", "since": ""}
+        return {"path": path, "image_id": 1, "status": code, "error": error, "attempts": 0, "last_try": None, "source": "monitor", "since": "",
+                "note": None}
 
     report = {
         "bucket": "b", "links_error": None, "uploaded": [], "problems": [], "uploaded_elsewhere": {},
@@ -514,6 +515,25 @@ def test_status_text_waiting_and_control_characters() -> None:
     assert "upload/b\\n\\x1b[31m.jpg" in lines[4]
     assert "contains control characters" in lines[5]
     assert len(lines) == 8  # counts, blank, heading, 3 lines of pending, blank, "Uploaded: none"
+
+
+def test_status_notes_a_file_waiting_for_its_row_past_the_timeout() -> None:
+    from s3watch.status import _pending_item, render_text
+
+    state = JournalState()
+    state.apply({"ts": "2026-12-05T10:00:00.000Z", "event": "detected", "path": "upload/a.jpg", "source": "monitor"})
+    upload = state.uploads["upload/a.jpg"]
+    detected = datetime(2026, 12, 5, 10, tzinfo=timezone.utc).timestamp()
+
+    assert _pending_item(upload, 30, detected + 30)["note"] is None
+    item = _pending_item(upload, 30, detected + 600)
+    assert item["note"] == ("waiting for its row for 600 s, longer than monitor.match_timeout (30 s): the agent cannot read the database "
+                            "or is not running; see journalctl -u s3watch -p warning")
+    report = {
+        "bucket": "b", "links_error": None, "uploaded": [], "problems": [], "uploaded_elsewhere": {}, "pending": [item],
+        "counts": dict.fromkeys(("uploaded", "pending", "failed", "waiting_for_row", "already_present", "duplicate", "unmatched", "gone"), 0),
+    }
+    assert render_text(report).splitlines()[4].strip().startswith("waiting for its row for 600 s")
 
 
 def test_status_counts_uploads_by_bucket() -> None:
