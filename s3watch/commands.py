@@ -47,7 +47,7 @@ def _checked_entries(lines: Iterable[str], source: str, gallery: Gallery) -> Ite
     for number, line in enumerate(lines, start=1):
         where = f"argument {number}" if source == "argument" else f"{source} line {number}"
         if "\x00" in line:
-            # No path holds a NUL byte, and the file system calls below would fail on one.
+            # No path contains a NUL byte, and the file system calls below would raise ValueError on one.
             raise UsageError(f"{where}: a NUL byte, so this is not a list: give paths or id:N as text, one a line")
         entry = parse_entry(number, line)
         if entry is None:

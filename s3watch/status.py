@@ -12,8 +12,8 @@ from .journal import JournalState, Upload, epoch_of, read_journal
 from .uploader import ALREADY_PRESENT_HINT, Uploader, UploadFailed, printable
 
 LIST_LENGTH = 10
-# Seconds past monitor.match_timeout before a file waiting for its row is said to be stalled: the
-# agent looks the row up with a backoff of up to 1 s, and the journal records the give-up a little later.
+# Seconds past monitor.match_timeout before a file waiting for its row gets a note. The agent looks
+# the row up with a backoff of up to 1 s, so it records the give-up a little after the timeout.
 STALL_SLACK = 5.0
 # The error of an upload that waits, untried, while the store fails others (set by the agent).
 WAITING_FOR_STORE = "waiting: the store failed another upload with this code"
@@ -75,7 +75,7 @@ def _pending_item(upload: Upload, match_timeout: float, now: float) -> dict[str,
     """Describe one unfinished upload. A file that waits for its row past the match timeout gets a note.
 
     The agent gives up on a row after the timeout, except while the database fails, so a longer
-    wait means that it cannot read the table or is not running. Only its log says which.
+    wait means that it cannot read the table or is not running. Its log shows which.
     """
     note = None
     waited = now - epoch_of(upload.detected_ts or upload.ts)

@@ -439,7 +439,7 @@ def test_unmatched_file_is_queued_when_row_comes_late(setup: Setup, agent: Agent
     wait_for(lambda: uploaded(setup, path), what="the upload once the row came")
 
 
-def test_file_that_comes_after_its_row_is_uploaded(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation, gallery_root: Path) -> None:
+def test_file_after_row_is_uploaded(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation, gallery_root: Path) -> None:
     # A restore that loads the database before copying the files: the poll finds the row, and
     # the upload finds no file yet. The file's arrival queues the photo again.
     agent.start()

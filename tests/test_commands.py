@@ -65,7 +65,7 @@ def test_check_fails_on_mistyped_upload_dir(setup: Setup, piwigo: PiwigoImitatio
     assert "uploads: FAILED: it does not exist, but the images table has photos (the newest is upload/" in result.stdout
 
 
-def test_folders_that_are_files_are_named_as_such(setup: Setup, agent: AgentProcess) -> None:
+def test_check_folder_that_is_file(setup: Setup, agent: AgentProcess) -> None:
     spool = setup.path.parent / "spool-file"
     spool.write_text("not a folder")
     setup.values["spool_dir"] = str(spool)
@@ -187,7 +187,7 @@ def test_check_folder_of_other_user() -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="reading as another user needs root")
-def test_unreadable_configuration_is_named() -> None:
+def test_config_unreadable_named() -> None:
     base = Path(tempfile.mkdtemp(prefix="s3watch-unreadable-"))
     try:
         base.chmod(0o755)

@@ -517,7 +517,7 @@ def test_status_text_waiting_and_control_characters() -> None:
     assert len(lines) == 8  # counts, blank, heading, 3 lines of pending, blank, "Uploaded: none"
 
 
-def test_status_notes_a_file_waiting_for_its_row_past_the_timeout() -> None:
+def test_status_note_on_stalled_row() -> None:
     from s3watch.status import _pending_item, render_text
 
     state = JournalState()
