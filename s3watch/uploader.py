@@ -118,7 +118,7 @@ class Outcome:
     duplicate_of: str | None = None
     original: str | None = None  # "as_uploaded" when the bytes' md5 is the row's md5sum, else "as_stored"
     original_note: str | None = None
-    existing: bool = False  # the object was already at the key with this content: nothing was sent
+    existing: bool = False  # the object was already at the key, this photo's copy: nothing was sent
 
 
 # Renaming the file would break its images row, so the advice for a name that makes no valid key is the template.
@@ -500,7 +500,9 @@ class Uploader:
             uploaded = False
             try:
                 outcome = self._send(request, body, md5, size, original)
-                uploaded = outcome.event == "uploaded"
+                uploaded = outcome.event == "uploaded" and outcome.md5 == md5
+                if outcome.existing and outcome.md5 != md5:
+                    return outcome  # an earlier copy of other bytes, which describes itself
                 return Outcome(**{**outcome.__dict__, "original": original, "original_note": note if original == "as_stored" else None})
             finally:
                 if claimed:
@@ -591,10 +593,39 @@ class Uploader:
         """
         metadata = {name.lower(): value for name, value in head.get("Metadata", {}).items()}
         etag = str(head.get("ETag", "")).strip('"')
+        length = int(head.get("ContentLength", -1))
         same_content = metadata.get("md5") == md5 or etag == md5
-        if same_content and int(head.get("ContentLength", -1)) == size:
+        if same_content and length == size:
             return Outcome(path=request.path, event="uploaded", key=request.key, md5=md5, bytes=size, etag=etag, existing=True)
+
+        earlier = self._earlier_copy(request, metadata, length, etag)
+        if earlier is not None:
+            return earlier
         return Outcome(path=request.path, event="already_present", key=request.key, md5=md5, bytes=size, etag=etag)
+
+    def _earlier_copy(self, request: UploadRequest, metadata: dict[str, str], length: int, etag: str) -> Outcome | None:
+        """Recognise s3watch's own earlier upload of this photo, whose bytes differ from the file now.
+
+        That happens when the journal that recorded it is lost, and Piwigo has since rewritten the
+        file ("resize after upload") or the photo was replaced. The object carries the photo's image
+        id (and format id) in its metadata, which only s3watch writes. Copies are one-time, so it
+        stays this photo's copy. Returns its `uploaded` outcome, with the object's md5 and size, or None.
+        """
+        object_md5 = metadata.get("md5")
+        if request.image_id is None or not object_md5 or metadata.get("piwigo-image-id") != str(request.image_id):
+            return None
+        if metadata.get("piwigo-format-id") != (None if request.format_id is None else str(request.format_id)):
+            return None
+
+        original, note = None, None
+        if request.format_id is None and request.row_md5:
+            if object_md5 == request.row_md5:
+                original = "as_uploaded"
+            else:
+                original = "as_stored"
+                note = "an earlier upload of this photo, found at its key; neither the file nor the images row has its content now (replaced in Piwigo?)"
+        return Outcome(path=request.path, event="uploaded", key=request.key, md5=object_md5, bytes=length, etag=etag, existing=True,
+                       original=original, original_note=note)
 
     def _head(self, key: str) -> dict[str, Any] | None:
         try:

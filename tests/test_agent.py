@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -139,6 +140,45 @@ def test_object_already_at_key_is_left_untouched(setup: Setup, agent: AgentProce
     assert "queued 1 photo again" in requeued.stdout
     wait_for(lambda: setup.upload_status(day_path) == "uploaded", what="the photo uploaded after the other object was removed")
     assert object_bytes(seaweed, bucket, day_path) == data
+    assert run_cli("--config", str(setup.path), "verify").returncode == 0
+
+
+def test_earlier_copy_found_after_journal_loss(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation, seaweed: SeaweedFS,
+                                               bucket: str, gallery_root: Path, database: str) -> None:
+    # Two photos uploaded, then the journal is lost. Since the upload, Piwigo's resize rewrote one
+    # file (its row keeps the md5 of the bytes as uploaded), and the other photo was replaced.
+    from .test_batch import execute
+
+    agent.start()
+    _, resized = piwigo.add_photo(sample_photo(1))
+    replaced_id, replaced = piwigo.add_photo(sample_photo(2))
+    for path in (resized, replaced):
+        wait_for(lambda: uploaded(setup, path), what=f"{path}")
+    agent.stop()
+    first = {path: object_bytes(seaweed, bucket, path) for path in (resized, replaced)}
+
+    (gallery_root / resized).write_bytes(sample_photo(11, size=50_000))
+    new_bytes = sample_photo(12)
+    (gallery_root / replaced).write_bytes(new_bytes)
+    execute(database, f"UPDATE piwigo_images SET md5sum = '{hashlib.md5(new_bytes).hexdigest()}' WHERE id = {replaced_id}")
+    shutil.rmtree(setup.state_dir)
+
+    agent.start()
+    assert run_cli("--config", str(setup.path), "backfill", "--all").returncode == 0
+    for path in (resized, replaced):
+        wait_for(lambda: uploaded(setup, path), what=f"{path} recorded as uploaded")
+
+    # The objects stay as they were, and the journal records them as they are.
+    journal = setup.journal()
+    for path in (resized, replaced):
+        assert object_bytes(seaweed, bucket, path) == first[path]
+        assert journal.uploads[path].md5 == hashlib.md5(first[path]).hexdigest()
+        assert journal.uploads[path].bytes == len(first[path])
+    assert journal.uploads[resized].original == "as_uploaded"
+    assert journal.uploads[replaced].original == "as_stored"
+    assert "replaced in Piwigo?" in (journal.uploads[replaced].original_note or "")
+    assert agent.log().count("found_at_key=True") == 2
+    assert "already_present" not in agent.log()
     assert run_cli("--config", str(setup.path), "verify").returncode == 0
 
 
