@@ -381,6 +381,11 @@ class Uploads:
         by_event = Counter(packed[0] for packed in self._finished.values())
         return Counter({STATUS_BY_EVENT[_EVENTS[code]]: count for code, count in by_event.items()})
 
+    def finished_paths(self, status: str) -> list[str]:
+        """Return the paths of the finished uploads with `status` (gone, unmatched, ...), without unpacking them."""
+        codes = {_EVENT_CODES[event] for event, finished_status in STATUS_BY_EVENT.items() if finished_status == status}
+        return [path for path, packed in self._finished.items() if packed[0] in codes]
+
     def uploaded_buckets(self) -> Counter[str | None]:
         """Count the uploads by the bucket they went to (None: not recorded).
 

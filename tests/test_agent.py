@@ -480,19 +480,42 @@ def test_unmatched_file_is_queued_when_row_comes_late(setup: Setup, agent: Agent
 
 
 def test_file_after_row_is_uploaded(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation, gallery_root: Path) -> None:
-    # A restore that loads the database before copying the files: the poll finds the row, and
-    # the upload finds no file yet. The file's arrival queues the photo again.
+    # A restore that loads the database before copying the files: the poll finds the rows, and
+    # the uploads find no file yet. A file's arrival queues its photo again, and so does the
+    # next start for a file that arrived while the agent was stopped.
     agent.start()
-    data = sample_photo(1)
-    path = "upload/2026/12/06/20261206024634-b506806f.jpg"
-    piwigo.insert_row(path, hashlib.md5(data).hexdigest(), len(data))
-    wait_for(lambda: setup.upload_status(path) == "gone", what="the upload that found no file")
+    photos = {f"upload/2026/12/06/2026120602463{number}-b506806f.jpg": sample_photo(number) for number in range(2)}
+    for path, data in photos.items():
+        piwigo.insert_row(path, hashlib.md5(data).hexdigest(), len(data))
+    for path in photos:
+        wait_for(lambda: setup.upload_status(path) == "gone", what="the upload that found no file")
     assert "not written yet" in setup.status()["problems"][0]["error"]
 
-    (gallery_root / path).parent.mkdir(parents=True, exist_ok=True)
-    (gallery_root / path).write_bytes(data)
-    wait_for(lambda: uploaded(setup, path), what="the upload once the file came")
+    running, stopped = photos
+    (gallery_root / running).parent.mkdir(parents=True, exist_ok=True)
+    (gallery_root / running).write_bytes(photos[running])
+    wait_for(lambda: uploaded(setup, running), what="the upload once the file came")
+
+    agent.stop()
+    (gallery_root / stopped).write_bytes(photos[stopped])
+    agent.start()
+    wait_for(lambda: uploaded(setup, stopped), what="the upload of the file that came while the agent was stopped")
     assert setup.status()["problems"] == []
+
+
+def test_replaced_file_keeps_first_copy(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation, seaweed: SeaweedFS, bucket: str,
+                                        gallery_root: Path) -> None:
+    agent.start()
+    data = sample_photo(1)
+    _, path = piwigo.add_photo(data)
+    wait_for(lambda: uploaded(setup, path), what="the upload")
+
+    # Piwigo keeps the path of a replaced photo's file.
+    (gallery_root / path).write_bytes(sample_photo(2))
+    wait_for(lambda: agent.logged("changed_after_upload"), what="the log line on the new file")
+    assert object_bytes(seaweed, bucket, path) == data
+    assert agent.log().count("changed_after_upload") == 1
+    assert uploaded(setup, path)
 
 
 def test_reload_switches_duplicate_detection(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation) -> None:
