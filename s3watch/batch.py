@@ -158,7 +158,7 @@ def resolve_entries(entries: list[Entry], gallery: Gallery, table: ImagesTable, 
             queued_now.add(path)
             result.append(Verdict(entry, "queued", REQUEUED[upload.status], row=row))
         elif upload is not None and upload.status == "already_present":
-            result.append(Verdict(entry, "rejected", f"another object is at its key {upload.key}: remove or move that object, then run 's3watch verify --requeue'", row=row))
+            result.append(Verdict(entry, "rejected", f"another object is at its key {upload.key}: move that object elsewhere, then run 's3watch verify --requeue'", row=row))
         elif skipped is not None:
             result.append(Verdict(entry, skipped, row=row))
         elif path in queued_now:

@@ -70,7 +70,8 @@ class UploadFailed(Exception):
 
 # The meaning of an `already_present` upload and its fix, for the log, status, url and verify.
 ALREADY_PRESENT_HINT = ("another object was already at the key and was left untouched, so this photo has no copy in the bucket: "
-                        "remove or move that object, then run 's3watch verify --requeue'")
+                        "look at that object first, because it may be an earlier file of this photo; to send the photo, "
+                        "move the object elsewhere, then run 's3watch verify --requeue'")
 
 
 class FileGone(Exception):
@@ -502,7 +503,7 @@ class Uploader:
                 outcome = self._send(request, body, md5, size, original)
                 uploaded = outcome.event == "uploaded" and outcome.md5 == md5
                 if outcome.existing and outcome.md5 != md5:
-                    return outcome  # an earlier copy of other bytes, which describes itself
+                    return outcome  # the bytes as uploaded, while the file on disk differs
                 return Outcome(**{**outcome.__dict__, "original": original, "original_note": note if original == "as_stored" else None})
             finally:
                 if claimed:
@@ -589,7 +590,8 @@ class Uploader:
         An object with the photo's md5 in its metadata is our own earlier upload (say, cut short
         by a crash before its journal record). One whose ETag is the photo's md5 contains the same
         bytes, put there by another tool; a multipart ETag, with a '-', is no md5. Either way the
-        photo's bytes are in the bucket, and it counts as uploaded.
+        photo's bytes are in the bucket, and it counts as uploaded. So does an object with the
+        images row's md5, the bytes as uploaded, when the file on disk differs (`_original_at_key`).
         """
         metadata = {name.lower(): value for name, value in head.get("Metadata", {}).items()}
         etag = str(head.get("ETag", "")).strip('"')
@@ -598,34 +600,27 @@ class Uploader:
         if same_content and length == size:
             return Outcome(path=request.path, event="uploaded", key=request.key, md5=md5, bytes=size, etag=etag, existing=True)
 
-        earlier = self._earlier_copy(request, metadata, length, etag)
+        earlier = self._original_at_key(request, metadata, length, etag)
         if earlier is not None:
             return earlier
         return Outcome(path=request.path, event="already_present", key=request.key, md5=md5, bytes=size, etag=etag)
 
-    def _earlier_copy(self, request: UploadRequest, metadata: dict[str, str], length: int, etag: str) -> Outcome | None:
-        """Recognise s3watch's own earlier upload of this photo, whose bytes differ from the file now.
+    def _original_at_key(self, request: UploadRequest, metadata: dict[str, str], length: int, etag: str) -> Outcome | None:
+        """Recognise an object that contains the photo's bytes as uploaded, while the file on disk differs.
 
-        That happens when the journal that recorded it is lost, and Piwigo has since rewritten the
-        file ("resize after upload") or the photo was replaced. The object carries the photo's image
-        id (and format id) in its metadata, which only s3watch writes. Copies are one-time, so it
-        stays this photo's copy. Returns its `uploaded` outcome, with the object's md5 and size, or None.
+        After a lost journal, a photo whose file Piwigo resized was sent from the copy taken on
+        arrival, and the object's md5 is the images row's md5sum, not the file's. That object is
+        the photo's original. Returns its `uploaded` outcome, with the object's md5 and size, or None.
+
+        An object of other content is left to the caller, even when its metadata names this
+        photo's image id: it may be the first file of a photo replaced in Piwigo since, or
+        another gallery's photo under the same id, and only a person can tell.
         """
-        object_md5 = metadata.get("md5")
-        if request.image_id is None or not object_md5 or metadata.get("piwigo-image-id") != str(request.image_id):
+        row_md5 = request.row_md5
+        if request.format_id is not None or not row_md5 or row_md5 not in (metadata.get("md5"), etag):
             return None
-        if metadata.get("piwigo-format-id") != (None if request.format_id is None else str(request.format_id)):
-            return None
-
-        original, note = None, None
-        if request.format_id is None and request.row_md5:
-            if object_md5 == request.row_md5:
-                original = "as_uploaded"
-            else:
-                original = "as_stored"
-                note = "an earlier upload of this photo, found at its key; neither the file nor the images row has its content now (replaced in Piwigo?)"
-        return Outcome(path=request.path, event="uploaded", key=request.key, md5=object_md5, bytes=length, etag=etag, existing=True,
-                       original=original, original_note=note)
+        return Outcome(path=request.path, event="uploaded", key=request.key, md5=row_md5, bytes=length, etag=etag, existing=True,
+                       original="as_uploaded")
 
     def _head(self, key: str) -> dict[str, Any] | None:
         try:
