@@ -52,16 +52,18 @@ def check_object(uploader: Uploader, upload: Upload) -> Finding | None:
         raise classify_error(error) from None
 
     problems = []
+    # An already_present record holds the size and md5 of the file when it was tried, not of an upload.
+    ours = "the file's when tried" if occupied else "recorded"
     size = int(head.get("ContentLength", -1))
     if upload.bytes is not None and size != upload.bytes:
-        problems.append(f"size {size}, recorded {upload.bytes}")
+        problems.append(f"size {size}, {ours} {upload.bytes}")
     metadata = {name.lower(): value for name, value in head.get("Metadata", {}).items()}
     etag = str(head.get("ETag", "")).strip('"')
     stored_md5 = metadata.get("md5") or (etag if "-" not in etag else None)
     if upload.md5 and stored_md5 is None:
         problems.append("no md5 in its metadata and a multipart ETag")
     elif upload.md5 and stored_md5 != upload.md5:
-        problems.append(f"md5 {stored_md5}, recorded {upload.md5}")
+        problems.append(f"md5 {stored_md5}, {ours} {upload.md5}")
     if occupied and problems:
         return Finding(upload, "occupied", f"{ALREADY_PRESENT_HINT} (that object: {'; '.join(problems)})", requeue=False)
     if occupied:

@@ -129,6 +129,7 @@ def test_object_already_at_key_is_left_untouched(setup: Setup, agent: AgentProce
     verify = run_cli("--config", str(setup.path), "verify")
     assert verify.returncode == 1
     assert f"occupied  {day_path}" in verify.stdout
+    assert f"(that object: size 21, the file's when tried {len(data)}; md5 " in verify.stdout
     assert "1 photo found another object at its key when uploaded, 0 of them can be sent now" in verify.stdout
     assert "--requeue" not in verify.stdout.splitlines()[-1]  # a new upload cannot fix it while the object is there
 
