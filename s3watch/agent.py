@@ -61,6 +61,7 @@ JOURNAL_CHECK_INTERVAL = 60.0  # seconds between checks whether the journal need
 FILE_BUSY_RETRY = 10.0  # seconds before a file that was still changing is tried again
 JOURNAL_RETRY_INTERVAL = 5.0  # seconds between attempts to write the journal while the disk refuses
 METRICS_INTERVAL = 5.0  # seconds between updates of the gauges that need a scan
+RESIZE_OPTION_MAX_AGE = 1.0  # seconds a read of Piwigo's "resize after upload" option is trusted when a file arrives
 STATUS_INTERVAL = 1.0  # seconds between STATUS= messages to systemd, which would otherwise get one per loop turn
 LAST_UPLOAD_FORMAT = "%Y-%m-%d %H:%M:%S %Z"  # local time, as journalctl shows it; the zone, because `s3watch status` shows UTC
 
@@ -143,6 +144,7 @@ class Agent:
         self.next_journal_retry = 0.0
         self.originals = Originals(config.state_dir, config.uploads.originals_cap)
         self.original_resize = False  # Piwigo's "resize after upload", read from its config table
+        self.original_resize_read_at = -math.inf  # time.monotonic() of the last read of that option
         self.captures_to_delete: list[str] = []  # copies on arrival to delete once the journal is committed
         self.formats_available = True  # False before Piwigo 13, which has no image_format table
         self.notifier = Notifier.from_environment()
@@ -612,7 +614,13 @@ class Agent:
 
     def _capture_on_arrival(self, absolute: str) -> dict[str, Any]:
         """Copy a new file before Piwigo's "resize after upload" can rewrite it. Returns the journal fields."""
-        if not self.original_resize or self.config.uploads.originals != "as_uploaded":
+        if self.config.uploads.originals != "as_uploaded":
+            return {}
+        if not self.original_resize and not self.database_down and time.monotonic() - self.original_resize_read_at > RESIZE_OPTION_MAX_AGE:
+            # Piwigo rewrites the file about a second after it arrives: an admin who has just
+            # switched the option on would otherwise lose the originals until the next poll.
+            self._refresh_original_resize()
+        if not self.original_resize:
             return {}
         try:
             capture = self.originals.capture(Path(absolute))
@@ -624,6 +632,7 @@ class Agent:
     def _refresh_original_resize(self) -> None:
         """Follow Piwigo's "resize after upload" option, which an admin may switch at any time."""
         assert self.table is not None
+        self.original_resize_read_at = time.monotonic()
         try:
             enabled = self.table.original_resize()
         except TableMissing:

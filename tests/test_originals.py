@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from s3watch.agent import RESIZE_OPTION_MAX_AGE
 from s3watch.demo import PiwigoImitation, sample_photo
 from s3watch.seaweed import SeaweedFS
 
@@ -236,3 +237,23 @@ def test_resize_option_followed_without_restart(setup: Setup, agent: AgentProces
     _, path = add_resized_photo(piwigo, original, resized)
     wait_for(lambda: setup.upload_status(path) == "uploaded", what="the upload")
     assert body(seaweed, bucket, path) == original
+
+
+def test_resize_switched_on_just_before_a_photo(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation, database: str, seaweed: SeaweedFS,
+                                                bucket: str) -> None:
+    # The next table poll is a minute away: the agent reads the option again when the file arrives.
+    setup.update("monitor", poll_interval=60)
+    execute(database, CONFIG_TABLE, FORMAT_TABLE, "INSERT INTO piwigo_config (param, value) VALUES ('original_resize', 'false')")
+    agent.start()
+    wait_for(lambda: agent.logged("ready"), what="the agent's first poll")
+    # The agent trusts a read of the option for RESIZE_OPTION_MAX_AGE. Its last read came before
+    # "ready", so once that much time has passed since, the next arrival reads the option again.
+    time.sleep(RESIZE_OPTION_MAX_AGE)
+    execute(database, "UPDATE piwigo_config SET value = 'true' WHERE param = 'original_resize'")
+
+    original, resized = sample_photo(1, size=300_000), sample_photo(2)
+    _, path = add_resized_photo(piwigo, original, resized)
+    wait_for(lambda: setup.upload_status(path) == "uploaded", what="the upload")
+    assert body(seaweed, bucket, path) == original
+    assert "original_resize_changed enabled=True" in agent.log()
+
