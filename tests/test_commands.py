@@ -8,7 +8,7 @@ import shutil
 import sqlite3
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -168,17 +168,22 @@ def test_status_without_journal_warns(setup: Setup) -> None:
         assert "or state_dir is wrong" in result.stderr
 
 
+@pytest.fixture
+def open_folder() -> Iterator[Path]:
+    """A temporary folder that every user may enter, unlike tmp_path under a private one; removed afterwards."""
+    base = Path(tempfile.mkdtemp(prefix="s3watch-other-user-"))
+    base.chmod(0o755)
+    yield base
+    shutil.rmtree(base)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="checking as another user needs root")
-def test_check_folder_of_other_user() -> None:
+def test_check_folder_of_other_user(open_folder: Path) -> None:
     # A member of the service's group checks a state directory that only the service user may write to.
-    base = Path(tempfile.mkdtemp(prefix="s3watch-owner-"))
-    try:
-        base.chmod(0o755)
-        state = base / "state"
-        state.mkdir(mode=0o750)  # root's, as /var/lib/s3watch is the service user's
-        owned, missing = as_user(65534, lambda: (_folder_line("state directory", state), _folder_line("state directory", base / "missing")))
-    finally:
-        shutil.rmtree(base)
+    base = open_folder
+    state = base / "state"
+    state.mkdir(mode=0o750)  # root's, as /var/lib/s3watch is the service user's
+    owned, missing = as_user(65534, lambda: (_folder_line("state directory", state), _folder_line("state directory", base / "missing")))
 
     assert owned == [f"state directory {state}: ok for its owner root, who must be the user that runs the agent (this user may not write to it)", False]
     # A missing folder this user cannot create stays a failure.
@@ -187,25 +192,19 @@ def test_check_folder_of_other_user() -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="reading as another user needs root")
-def test_config_unreadable_named() -> None:
-    base = Path(tempfile.mkdtemp(prefix="s3watch-unreadable-"))
-    try:
-        base.chmod(0o755)
-        config = base / "s3watch.yaml"
-        config.write_text("s3:\n  bucket: b\n")
-        config.chmod(0o600)
+def test_config_unreadable_named(open_folder: Path) -> None:
+    config = open_folder / "s3watch.yaml"
+    config.write_text("s3:\n  bucket: b\n")
+    config.chmod(0o600)
 
-        def message() -> str:
-            try:
-                load_config(config)
-            except ConfigError as error:
-                return str(error)
-            return "no error"
+    def message() -> str:
+        try:
+            load_config(config)
+        except ConfigError as error:
+            return str(error)
+        return "no error"
 
-        answer = as_user(65534, message)
-    finally:
-        shutil.rmtree(base)
-
+    answer = as_user(65534, message)
     assert answer == f"configuration file {config} is not readable by this user: fix its permissions or run as its owner"
 
 
