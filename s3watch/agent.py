@@ -313,8 +313,8 @@ class Agent:
             else:
                 self.matcher.add(upload.path, epoch_of(upload.detected_ts or upload.ts), now)
 
-        # A photo recorded as gone whose file arrived while the agent was stopped: no event tells
-        # of it. A symbolic link stays gone, because a list or tag named it and it was refused.
+        # A photo recorded as gone whose file arrived while the agent was stopped: no file event
+        # reports it. A symbolic link stays gone, because a list or tag named it and it was refused.
         # Finding the gone ones took about 0.07 s among a million finished uploads.
         for path in self.journal.state.uploads.finished_paths("gone"):
             absolute = os.path.join(self.config.piwigo.root, path)
@@ -601,7 +601,7 @@ class Agent:
         upload = self.journal.state.uploads.get(path)
         if upload is not None and upload.status == "uploaded" and path not in self.changed_after_upload:
             # Piwigo keeps the path of a photo whose file is replaced. Copies are one-time, so
-            # the new bytes are not sent, and the log says so once per path and run.
+            # the new bytes are not sent, and one log line per path and run reports it.
             self.changed_after_upload.add(path)
             log.info("changed_after_upload", path=path, image_id=upload.image_id, key=upload.key,
                      hint="copies are one-time: the object keeps the bytes uploaded first")

@@ -52,7 +52,7 @@ def check_object(uploader: Uploader, upload: Upload) -> Finding | None:
         raise classify_error(error) from None
 
     problems = []
-    # An already_present record holds the size and md5 of the file when it was tried, not of an upload.
+    # An already_present record contains the size and md5 of the file when it was tried, not of an upload.
     ours = "the file's when tried" if occupied else "recorded"
     size = int(head.get("ContentLength", -1))
     if upload.bytes is not None and size != upload.bytes:
