@@ -169,8 +169,8 @@ def test_original_at_key_after_journal_loss(setup: Setup, agent: AgentProcess, p
     wait_for(lambda: uploaded(setup, resized), what="the resized photo recorded as uploaded")
     wait_for(lambda: setup.upload_status(replaced) == "already_present", what="the replaced photo's object left alone")
 
-    # The objects stay as they were. The resized photo's object holds the bytes as uploaded, its
-    # images row says so, and the journal records the object as it is.
+    # The objects stay as they were. The resized photo's object contains the bytes as uploaded,
+    # as its images row records, and the journal records the object as it is.
     journal = setup.journal()
     for path in (resized, replaced):
         assert object_bytes(seaweed, bucket, path) == first[path]
@@ -179,7 +179,7 @@ def test_original_at_key_after_journal_loss(setup: Setup, agent: AgentProcess, p
     assert journal.uploads[resized].original == "as_uploaded"
     assert agent.log().count("found_at_key=True") == 1
 
-    # Nothing tells the replaced photo's first file from another photo's object: a person decides.
+    # Nothing distinguishes the replaced photo's first file from another photo's object: a person decides.
     assert journal.uploads[replaced].status == "already_present"
     assert "it may be an earlier file of this photo" in setup.status()["problems"][0]["error"]
 
