@@ -878,19 +878,30 @@ class Journal:
         state = self.state
         try:
             records = _write_durably(temporary, _compacted_lines(state))
-            os.replace(temporary, self.path)
-            _fsync_directory(self.path.parent)
+            # Opened before the rename, so that no failure can leave the appends going to the old
+            # file once the new one has its name.
+            fd = os.open(temporary, os.O_RDWR)
         except OSError as error:
             _discard(temporary)
             raise JournalError(f"journal {self.path} could not be compacted ({_describe(error)}): free space in the state directory or fix its permissions") from None
+        try:
+            os.replace(temporary, self.path)
+        except OSError as error:
+            os.close(fd)
+            _discard(temporary)
+            raise JournalError(f"journal {self.path} could not be compacted ({_describe(error)}): fix the state directory's permissions") from None
 
         os.close(self._fd)
-        self._fd = os.open(self.path, os.O_RDWR)
+        self._fd = fd
         self._durable_size = os.lseek(self._fd, 0, os.SEEK_END)
         state.records = records
         self._compaction_failed_at = None
         self._snapshot_tried_at = 0
         self._checksummed = (0, 0)
+        try:
+            _fsync_directory(self.path.parent)
+        except OSError as error:
+            raise JournalError(f"journal {self.path} was compacted, but its folder could not be synced ({_describe(error)})") from None
 
     def snapshot_due(self) -> bool:
         """Return whether a running agent should write a new snapshot: enough records were appended since the last one.
