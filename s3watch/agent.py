@@ -1024,11 +1024,12 @@ class Agent:
         An upload handed out ahead is not started when the agent is stopping, or when the store
         failed meanwhile and this upload is not the probe.
         """
-        assert self.uploader is not None
+        uploader = self.uploader  # one read: a reload may replace it meanwhile
+        assert uploader is not None
         if self.stop_event.is_set() or ((self.blocked_code is not None or self.store_failed.is_set()) and request.path != self.probe_path):
             self.inbox.put(("result", Outcome(path=request.path, event=NOT_STARTED, attempts=0)))
             return
-        outcome = self.uploader.upload(request, self.duplicates)
+        outcome = uploader.upload(request, self.duplicates)
         if outcome.event == "failed" and _store_wide(outcome.code):
             self.store_failed.set()
         self.inbox.put(("result", outcome))
@@ -1086,7 +1087,8 @@ class Agent:
                 self.retry_at[outcome.path] = now + self.config.uploads.retry_interval
             return
 
-        fields: dict[str, Any] = {"key": outcome.key, "bucket": self.config.s3.bucket, "md5": outcome.md5, "bytes": outcome.bytes,
+        # The bucket of the uploader that sent it: a reload may have changed s3.bucket meanwhile.
+        fields: dict[str, Any] = {"key": outcome.key, "bucket": outcome.bucket or self.config.s3.bucket, "md5": outcome.md5, "bytes": outcome.bytes,
                                   "attempts": attempts, "original": outcome.original, "original_note": outcome.original_note}
         if outcome.event == "uploaded":
             fields["etag"] = outcome.etag

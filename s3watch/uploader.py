@@ -120,6 +120,7 @@ class Outcome:
     original: str | None = None  # "as_uploaded" when the bytes' md5 is the row's md5sum, else "as_stored"
     original_note: str | None = None
     existing: bool = False  # the object was already at the key, this photo's copy: nothing was sent
+    bucket: str | None = None  # the bucket the request went to
 
 
 # Renaming the file would break its images row, so the advice for a name that makes no valid key is the template.
@@ -281,16 +282,22 @@ class DuplicateIndex:
     def __init__(self, uploaded: dict[str, str]) -> None:
         self.uploaded = uploaded
         self._in_flight: dict[str, str] = {}
-        self._lock = threading.Lock()
+        self._released = threading.Condition()
 
-    def claim(self, md5: str, key: str) -> str | None:
+    def claim(self, md5: str, key: str, stop: threading.Event) -> str | None:
         """Claim `md5` for an upload to `key`. Returns the key that already has this content, if any.
 
-        Content being uploaded right now to another key counts as already there, so two copies of
-        one photo dropped together do not both go up.
+        When the same content is being uploaded to another key right now, this waits for that
+        upload to end: only content that went up counts, because the other upload may still fail
+        or find another object at its key. Raises UploadFailed (transient) when `stop` is set meanwhile.
         """
-        with self._lock:
-            existing = self.uploaded.get(md5) or self._in_flight.get(md5)
+        with self._released:
+            while self._in_flight.get(md5, key) != key and md5 not in self.uploaded:
+                if stop.is_set():
+                    raise UploadFailed(0, "stopped while the same content was being uploaded to another key", transient=True)
+                self._released.wait(timeout=1.0)
+
+            existing = self.uploaded.get(md5)
             if existing is not None and existing != key:
                 return existing
             self._in_flight[md5] = key
@@ -298,10 +305,12 @@ class DuplicateIndex:
 
     def release(self, md5: str, key: str, uploaded: bool) -> None:
         """Release a claim; on success the content is in the index from now on."""
-        with self._lock:
-            self._in_flight.pop(md5, None)
+        with self._released:
+            if self._in_flight.get(md5) == key:
+                del self._in_flight[md5]
             if uploaded:
                 self.uploaded.setdefault(md5, key)
+            self._released.notify_all()
 
 
 def make_client(s3: S3Config, workers: int) -> Any:
@@ -471,7 +480,8 @@ class Uploader:
         except FileBusy as busy:
             outcome = Outcome(path=request.path, event="failed", key=request.key, code=FILE_BUSY_CODE, error=str(busy), transient=True)
         # tenacity keeps the statistics of each thread's latest call.
-        return Outcome(**{**outcome.__dict__, "attempts": self._retrying.statistics["attempt_number"], "ms": _ms_since(started)})
+        return Outcome(**{**outcome.__dict__, "attempts": self._retrying.statistics["attempt_number"], "ms": _ms_since(started),
+                          "bucket": self.s3.bucket})
 
     def _attempt(self, request: UploadRequest, duplicates: DuplicateIndex | None) -> Outcome:
         try:
@@ -493,7 +503,7 @@ class Uploader:
 
             claimed = False
             if duplicates is not None:
-                existing = duplicates.claim(md5, request.key)
+                existing = duplicates.claim(md5, request.key, self._stop)
                 if existing is not None:
                     return Outcome(path=request.path, event="duplicate", key=request.key, md5=md5, bytes=size, duplicate_of=existing)
                 claimed = True

@@ -8,6 +8,7 @@ object is ever partial or overwritten.
 from __future__ import annotations
 
 import hashlib
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +23,7 @@ from s3watch.agent import FIRST_PROBE_DELAY
 from s3watch.demo import PiwigoImitation, sample_photo
 from s3watch.seaweed import SeaweedFS
 
-from .conftest import AgentProcess, Setup, wait_for
+from .conftest import AgentProcess, Setup, run_cli, wait_for
 from .faultproxy import FaultProxy, RequestHead, connection_reset, error_response, hold, stall
 
 ATTEMPTS = 2  # uploads.attempts in the `setup` fixture
@@ -552,3 +553,51 @@ def test_stop_abandons_hung_upload(proxy: FaultProxy, proxied_setup: Setup, agen
     proxy.heal()
     agent.start()
     wait_for(lambda: setup.upload_status(path) in ("uploaded", "already_present"), what="the photo after the restart")
+
+
+def test_bucket_changed_during_upload_recorded_right(proxy: FaultProxy, proxied_setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation,
+                                                    seaweed: SeaweedFS, bucket: str) -> None:
+    # A reload that changes s3.bucket while an upload is in flight: the journal names the bucket
+    # the object went to, not the one configured when the upload ended.
+    setup = proxied_setup
+    agent.start()
+    wait_for(lambda: agent.logged("store_ready"), what="the store check")
+    proxy.inject(hold(count=1, match=photo_put))
+    _, path = piwigo.add_photo(sample_photo(1))
+    wait_for(lambda: proxy.held == 1, what="the photo's PUT held by the proxy")
+
+    other = f"{bucket}-new"
+    seaweed.create_bucket(other)
+    setup.update("s3", bucket=other)
+    agent.signal(signal.SIGHUP)
+    wait_for(lambda: agent.logged("reloaded"), what="the reload")
+    proxy.heal()
+    wait_for(lambda: setup.upload_status(path) == "uploaded", what="the upload")
+
+    assert setup.journal().uploads[path].bucket == bucket
+    seaweed.client().head_object(Bucket=bucket, Key=path)  # type: ignore[attr-defined]
+    assert run_cli("--config", str(setup.path), "verify").returncode == 0
+
+
+def test_duplicate_waits_for_upload_in_flight(proxy: FaultProxy, proxied_setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation,
+                                              seaweed: SeaweedFS, bucket: str) -> None:
+    # Two photos of the same content. The first one's upload finds another program's object at its
+    # key, so the second cannot be its duplicate: it is uploaded itself.
+    setup = proxied_setup
+    setup.update("uploads", prevent_duplicates=True, workers=2)
+    agent.start()
+    wait_for(lambda: agent.logged("store_ready"), what="the store check")
+    client = seaweed.client()
+    data = sample_photo(1)
+
+    proxy.inject(hold(count=1, match=photo_put))
+    _, first = piwigo.add_photo(data)
+    wait_for(lambda: proxy.held == 1, what="the first PUT held by the proxy")
+    client.put_object(Bucket=bucket, Key=first, Body=b"another program's object")
+    _, second = piwigo.add_photo(data)
+    wait_for(lambda: setup.upload_status(second) == "pending" and agent.log().count("queued") >= 2, what="the second photo queued")
+    proxy.heal()
+
+    wait_for(lambda: setup.upload_status(first) == "already_present", what="the first photo's upload")
+    wait_for(lambda: setup.upload_status(second) == "uploaded", what="the second photo uploaded itself")
+    assert client.get_object(Bucket=bucket, Key=second)["Body"].read() == data
