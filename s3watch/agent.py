@@ -13,7 +13,6 @@ import math
 import os
 import queue
 import signal
-import stat
 import threading
 import time
 from collections import deque
@@ -140,6 +139,7 @@ class Agent:
         self.journal_failing = False  # set while the state directory refuses writes
         self.watch_limit_reported = False
         self.changed_after_upload: set[str] = set()  # uploaded photos whose file changed since, logged once each
+        self.arrived_in_flight: set[str] = set()  # files that appeared while their upload was in flight
         self.folders_outside_reported: set[str] = set()  # top folders of new photos outside the upload directory, warned about once
         self.next_journal_retry = 0.0
         self.originals = Originals(config.state_dir, config.uploads.originals_cap)
@@ -314,16 +314,13 @@ class Agent:
                 self.matcher.add(upload.path, epoch_of(upload.detected_ts or upload.ts), now)
 
         # A photo recorded as gone whose file arrived while the agent was stopped: no file event
-        # reports it. A symbolic link stays gone, because a list or tag named it and it was refused.
-        # Finding the gone ones took about 0.07 s among a million finished uploads.
+        # reports it. A file the upload would refuse again (a symbolic link, a path that leads
+        # outside the gallery) stays gone. Finding the gone ones took about 0.07 s among a
+        # million finished uploads.
+        gallery = Gallery(self.config.piwigo.root, self.config.piwigo.upload_dir)
         for path in self.journal.state.uploads.finished_paths("gone"):
-            absolute = os.path.join(self.config.piwigo.root, path)
-            try:
-                regular = stat.S_ISREG(os.lstat(absolute).st_mode)
-            except OSError:
-                continue
-            if regular:
-                self._on_file(absolute)
+            if gallery.check_file(path) is None:
+                self._on_file(os.path.join(self.config.piwigo.root, path))
 
     def _create_spool_dir(self) -> None:
         try:
@@ -595,10 +592,13 @@ class Agent:
         if path is None:
             return
         if not is_original(path, self.config.piwigo.upload_dir):
-            if self.config.uploads.formats and is_format_file(path, self.config.piwigo.upload_dir) and path not in self.journal.state.uploads:
-                self.next_poll = 0.0  # its image_format row comes soon: poll for it now
+            if self.config.uploads.formats and is_format_file(path, self.config.piwigo.upload_dir):
+                self._on_format_file(path)
             return
         upload = self.journal.state.uploads.get(path)
+        if path in self.in_flight:
+            # Its upload may be failing right now for want of this file: the result is handled then.
+            self.arrived_in_flight.add(path)
         if upload is not None and upload.status == "uploaded" and path not in self.changed_after_upload:
             # Piwigo keeps the path of a photo whose file is replaced. Copies are one-time, so
             # the new bytes are not sent, and one log line per path and run reports it.
@@ -611,6 +611,24 @@ class Agent:
         self.journal.append("detected", path, source="monitor", **self._capture_on_arrival(absolute))
         self.matcher.add(path, now, now)
         log.debug("detected", path=path)
+
+    def _on_format_file(self, path: str) -> None:
+        """Handle a new file in a pwg_format/ folder: poll for its row, or queue a format recorded as gone again."""
+        assert self.journal is not None
+        upload = self.journal.state.uploads.get(path)
+        if upload is None:
+            self.next_poll = 0.0  # its image_format row comes soon: poll for it now
+            return
+
+        if path in self.in_flight:
+            self.arrived_in_flight.add(path)
+        elif upload.status == "gone" and upload.format_id is not None and upload.parent and self.config.monitor.enabled:
+            # Its image_format row came before the file; the poll has passed that row, so the
+            # journal's record of the format queues it.
+            self.journal.append("queued", path, image_id=upload.image_id, kind="format", format_id=upload.format_id,
+                                parent=upload.parent, source="monitor")
+            self._line_for("monitor").append(path)
+            log.info("queued", path=path, image_id=upload.image_id, format_id=upload.format_id, source="monitor")
 
     def _capture_on_arrival(self, absolute: str) -> dict[str, Any]:
         """Copy a new file before Piwigo's "resize after upload" can rewrite it. Returns the journal fields."""
@@ -1055,6 +1073,8 @@ class Agent:
         """Record how an upload ended, and pause or resume uploads when the store fails or recovers."""
         assert self.journal is not None
         self.in_flight.discard(outcome.path)
+        arrived = outcome.path in self.arrived_in_flight
+        self.arrived_in_flight.discard(outcome.path)
         upload = self.journal.state.uploads.get(outcome.path)
         if outcome.event == NOT_STARTED:
             self._line_for(upload.source if upload else None).appendleft(outcome.path)
@@ -1104,6 +1124,9 @@ class Agent:
             self.ready.appendleft(waiting)
         if outcome.event == "gone":
             log.warning("gone", path=outcome.path, image_id=upload.image_id if upload else None, error=outcome.error)
+            if arrived:
+                # The file came while the upload found none: no later event would queue it again.
+                self._on_file(os.path.join(self.config.piwigo.root, outcome.path))
         elif outcome.event == "already_present":
             log.warning("already_present", path=outcome.path, image_id=upload.image_id if upload else None, key=outcome.key,
                         hint=ALREADY_PRESENT_HINT)

@@ -180,7 +180,9 @@ class Uploads:
         merged = self._unfinished.pop(path, None)
         if merged is None:
             packed = self._finished.pop(path, None)
-            if packed is None:
+            if packed is None or record["event"] == "detected":
+                # A new file at the path of a finished upload (one recorded as gone) starts afresh:
+                # the old copy on arrival, error and key belong to the file that was missing.
                 merged = record
             else:
                 # Requeued after it finished: an unfinished life starts again.

@@ -561,3 +561,29 @@ def test_reload_with_unreadable_database_inc_is_rejected(setup: Setup, agent: Ag
     setup.write()
     _, path = piwigo.add_photo(sample_photo(1))
     wait_for(lambda: uploaded(setup, path), what="an upload with the previous configuration")
+
+
+def test_file_arriving_during_gone_upload_requeued(setup: Setup, gallery_root: Path) -> None:
+    # The race of a restore, forced in order in one process: the worker finds no file and is about
+    # to report the photo gone when the file's event reaches the loop. The result queues it again.
+    from s3watch.agent import Agent
+    from s3watch.config import load_config
+    from s3watch.uploader import Outcome
+
+    agent = Agent(load_config(setup.path))
+    agent._open_journal()
+    assert agent.journal is not None
+    agent.original_resize_read_at = time.monotonic() + 3600  # no database read at the file's arrival
+    path = "upload/2026/12/06/20261206024630-b506806f.jpg"
+    agent.journal.append("queued", path, image_id=1, row_md5="0" * 32, source="poll")
+    agent.in_flight.add(path)
+
+    absolute = gallery_root / path
+    absolute.parent.mkdir(parents=True, exist_ok=True)
+    absolute.write_bytes(b"the file, restored a moment later")
+    agent._on_file(str(absolute))
+    agent._on_result(Outcome(path=path, event="gone", error=f"{path} is missing: deleted or renamed, or not written yet"))
+
+    assert agent.journal.state.uploads[path].status == "detected"
+    assert path in agent.matcher
+    agent.journal.close()

@@ -257,3 +257,32 @@ def test_resize_switched_on_just_before_a_photo(setup: Setup, agent: AgentProces
     assert body(seaweed, bucket, path) == original
     assert "original_resize_changed enabled=True" in agent.log()
 
+
+
+def test_format_file_after_its_row_is_uploaded(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation, database: str, seaweed: SeaweedFS,
+                                               bucket: str) -> None:
+    # A restore that loads the database first: each image_format row comes before its file. One
+    # file arrives while the agent runs, the other while it is stopped.
+    execute(database, CONFIG_TABLE, FORMAT_TABLE)
+    agent.start()
+    image_id, path = piwigo.add_photo(sample_photo(1))
+    wait_for(lambda: setup.upload_status(path) == "uploaded", what="the photo")
+    photo = piwigo.root / path
+    formats = {}
+    for ext, number in (("cr2", 2), ("tif", 3)):
+        execute(database, f"INSERT INTO piwigo_image_format (image_id, ext, filesize) VALUES ({image_id}, '{ext}', 300)")
+        formats[str((photo.parent / "pwg_format" / f"{photo.stem}.{ext}").relative_to(piwigo.root))] = sample_photo(number, size=300_000)
+    for format_path in formats:
+        wait_for(lambda: setup.upload_status(format_path) == "gone", what=f"{format_path} without its file")
+
+    running, stopped = formats
+    (photo.parent / "pwg_format").mkdir()
+    (piwigo.root / running).write_bytes(formats[running])
+    wait_for(lambda: setup.upload_status(running) == "uploaded", what="the format whose file came while the agent ran")
+
+    agent.stop()
+    (piwigo.root / stopped).write_bytes(formats[stopped])
+    agent.start()
+    wait_for(lambda: setup.upload_status(stopped) == "uploaded", what="the format whose file came while the agent was stopped")
+    for format_path, data in formats.items():
+        assert body(seaweed, bucket, format_path) == data
