@@ -623,8 +623,8 @@ class Uploader:
         the photo's original. Returns its `uploaded` outcome, with the object's md5 and size, or None.
 
         An object of other content is left to the caller, even when its metadata names this
-        photo's image id: it may be the first file of a photo replaced in Piwigo since, or
-        another gallery's photo under the same id, and only a person can tell.
+        photo's image id. It may be the first file of a photo replaced in Piwigo since, or
+        another gallery's photo under the same id. Only a person can tell.
         """
         row_md5 = request.row_md5
         if request.format_id is not None or not row_md5 or row_md5 not in (metadata.get("md5"), etag):
