@@ -17,7 +17,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from types import FrameType
 from typing import Any
 
@@ -622,13 +622,11 @@ class Agent:
 
         if path in self.in_flight:
             self.arrived_in_flight.add(path)
-        elif upload.status == "gone" and upload.format_id is not None and upload.parent and self.config.monitor.enabled:
-            # Its image_format row came before the file; the poll has passed that row, so the
-            # journal's record of the format queues it.
-            self.journal.append("queued", path, image_id=upload.image_id, kind="format", format_id=upload.format_id,
-                                parent=upload.parent, source="monitor")
-            self._line_for("monitor").append(path)
-            log.info("queued", path=path, image_id=upload.image_id, format_id=upload.format_id, source="monitor")
+        elif upload.status == "gone" and upload.format_id is not None and upload.image_id is not None and upload.parent and self.config.monitor.enabled:
+            # Its image_format row came before the file. The poll has passed that row, so the
+            # journal's record of the format stands in for it.
+            row = FormatRow(format_id=upload.format_id, image_id=upload.image_id, ext=PurePosixPath(path).suffix[1:], photo_path=upload.parent)
+            self._queue_format(row, source="monitor")
 
     def _capture_on_arrival(self, absolute: str) -> dict[str, Any]:
         """Copy a new file before Piwigo's "resize after upload" can rewrite it. Returns the journal fields."""
