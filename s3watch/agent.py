@@ -597,7 +597,7 @@ class Agent:
             return
         upload = self.journal.state.uploads.get(path)
         if path in self.in_flight:
-            # Its upload may be failing right now for want of this file: the result is handled then.
+            # Its upload may be failing right now because this file was missing, so its result decides.
             self.arrived_in_flight.add(path)
         if upload is not None and upload.status == "uploaded" and path not in self.changed_after_upload:
             # Piwigo keeps the path of a photo whose file is replaced. Copies are one-time, so
@@ -633,7 +633,7 @@ class Agent:
         if self.config.uploads.originals != "as_uploaded":
             return {}
         if not self.original_resize and not self.database_down and time.monotonic() - self.original_resize_read_at > RESIZE_OPTION_MAX_AGE:
-            # Piwigo rewrites the file about a second after it arrives: an admin who has just
+            # Piwigo rewrites the file about a second after it arrives, so an admin who has just
             # switched the option on would otherwise lose the originals until the next poll.
             self._refresh_original_resize()
         if not self.original_resize:
@@ -1040,7 +1040,7 @@ class Agent:
         An upload handed out ahead is not started when the agent is stopping, or when the store
         failed meanwhile and this upload is not the probe.
         """
-        uploader = self.uploader  # one read: a reload may replace it meanwhile
+        uploader = self.uploader  # read once, because a reload may replace it meanwhile
         assert uploader is not None
         if self.stop_event.is_set() or ((self.blocked_code is not None or self.store_failed.is_set()) and request.path != self.probe_path):
             self.inbox.put(("result", Outcome(path=request.path, event=NOT_STARTED, attempts=0)))
@@ -1105,7 +1105,7 @@ class Agent:
                 self.retry_at[outcome.path] = now + self.config.uploads.retry_interval
             return
 
-        # The bucket of the uploader that sent it: a reload may have changed s3.bucket meanwhile.
+        # The bucket of the uploader that sent it, because a reload may have changed s3.bucket meanwhile.
         fields: dict[str, Any] = {"key": outcome.key, "bucket": outcome.bucket or self.config.s3.bucket, "md5": outcome.md5, "bytes": outcome.bytes,
                                   "attempts": attempts, "original": outcome.original, "original_note": outcome.original_note}
         if outcome.event == "uploaded":
@@ -1123,7 +1123,7 @@ class Agent:
         if outcome.event == "gone":
             log.warning("gone", path=outcome.path, image_id=upload.image_id if upload else None, error=outcome.error)
             if arrived:
-                # The file came while the upload found none: no later event would queue it again.
+                # The file came while the upload found none, and no later event would queue it again.
                 self._on_file(os.path.join(self.config.piwigo.root, outcome.path))
         elif outcome.event == "already_present":
             log.warning("already_present", path=outcome.path, image_id=upload.image_id if upload else None, key=outcome.key,

@@ -181,8 +181,8 @@ class Uploads:
         if merged is None:
             packed = self._finished.pop(path, None)
             if packed is None or record["event"] == "detected":
-                # A new file at the path of a finished upload (one recorded as gone) starts afresh:
-                # the old copy on arrival, error and key belong to the file that was missing.
+                # A new file at the path of a finished upload (one recorded as gone) starts a new record,
+                # because the old copy on arrival, error and key belonged to the missing file.
                 merged = record
             else:
                 # Requeued after it finished: an unfinished life starts again.

@@ -563,7 +563,7 @@ def test_reload_with_unreadable_database_inc_is_rejected(setup: Setup, agent: Ag
     wait_for(lambda: uploaded(setup, path), what="an upload with the previous configuration")
 
 
-def test_file_arriving_during_gone_upload_requeued(setup: Setup, gallery_root: Path) -> None:
+def test_file_during_gone_upload(setup: Setup, gallery_root: Path) -> None:
     # The race of a restore, forced in order in one process: the worker finds no file and is about
     # to report the photo gone when the file's event reaches the loop. The result queues it again.
     from s3watch.agent import Agent

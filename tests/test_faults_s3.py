@@ -555,7 +555,7 @@ def test_stop_abandons_hung_upload(proxy: FaultProxy, proxied_setup: Setup, agen
     wait_for(lambda: setup.upload_status(path) in ("uploaded", "already_present"), what="the photo after the restart")
 
 
-def test_bucket_changed_during_upload_recorded_right(proxy: FaultProxy, proxied_setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation,
+def test_bucket_change_during_upload(proxy: FaultProxy, proxied_setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation,
                                                     seaweed: SeaweedFS, bucket: str) -> None:
     # A reload that changes s3.bucket while an upload is in flight: the journal names the bucket
     # the object went to, not the one configured when the upload ended.

@@ -239,7 +239,7 @@ def test_resize_option_followed_without_restart(setup: Setup, agent: AgentProces
     assert body(seaweed, bucket, path) == original
 
 
-def test_resize_switched_on_just_before_a_photo(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation, database: str, seaweed: SeaweedFS,
+def test_resize_switched_on_before_photo(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation, database: str, seaweed: SeaweedFS,
                                                 bucket: str) -> None:
     # The next table poll is a minute away: the agent reads the option again when the file arrives.
     setup.update("monitor", poll_interval=60)
@@ -259,7 +259,7 @@ def test_resize_switched_on_just_before_a_photo(setup: Setup, agent: AgentProces
 
 
 
-def test_format_file_after_its_row_is_uploaded(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation, database: str, seaweed: SeaweedFS,
+def test_format_file_after_row(setup: Setup, agent: AgentProcess, piwigo: PiwigoImitation, database: str, seaweed: SeaweedFS,
                                                bucket: str) -> None:
     # A restore that loads the database first: each image_format row comes before its file. One
     # file arrives while the agent runs, the other while it is stopped.
